@@ -63,7 +63,8 @@ class TrainSpec(StrictModel):
     batch_size: int = Field(128, ge=1, le=MAX_BATCH, description="global batch, split across workers")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
-    hyperparameters: dict[str, Any] = Field(default_factory=dict, description="validated by the method's schema")
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, validate_default=True,
+                                            description="validated by the method's schema; defaults filled in")
     train_subset: int | None = Field(None, ge=1, description="train on a seeded subset of this size")
     val_size: int = Field(0, ge=0, le=50_000, description="held out from the training split for validation")
     augment: bool | None = Field(None, description="crop+flip augmentation; default: on for CIFAR, off for MNIST")
@@ -119,8 +120,10 @@ class TrainSpec(StrictModel):
         from ensemble_core.methods import hyperparameter_model
 
         model = hyperparameter_model(method)
-        # Errors raised here carry their own locations (e.g. hyperparameters.zeta).
-        return model.model_validate(v).model_dump(mode="json")
+        # Errors raised here carry their own locations (e.g. hyperparameters.zeta). The context lets a
+        # method fill data-set-dependent defaults into the resolved spec (e.g. CLDL's γ, α).
+        context = {"dataset": info.data.get("dataset"), "architecture": info.data.get("architecture")}
+        return model.model_validate(v, context=context).model_dump(mode="json")
 
     @model_validator(mode="after")
     def _check_members(self) -> TrainSpec:
@@ -145,6 +148,8 @@ class AttackSpec(StrictModel):
     eps: list[Annotated[float, Field(ge=0, le=64)]] = Field(default_factory=lambda: [0.1, 0.2, 0.3])
     steps: int = Field(40, ge=1, le=10_000)
     alpha: float | None = Field(None, gt=0, le=64, description="step size; default eps/4 (pgd) or eps/steps")
+    alpha_ratio: float | None = Field(None, gt=0, le=10,
+                                      description="step size as a multiple of each eps (0.2 = eps/5); overrides alpha")
     restarts: int = Field(1, ge=1, le=100)
     loss: Literal["ce", "cw"] = "ce"
     kappa: float = Field(0.0, ge=0, le=100, description="CW margin confidence")
@@ -153,6 +158,20 @@ class AttackSpec(StrictModel):
     lr: float = Field(0.01, gt=0, le=10, description="CW-L2 learning rate")
     n_queries: int = Field(1000, ge=1, le=100_000, description="Square attack queries")
     random_start: bool = True
+    norm: Literal["Linf", "L2"] | None = Field(
+        None, description="threat model of square / autoattack (default Linf); the other attacks' norm is fixed")
+    losses: list[Literal["ce", "cw"]] | None = Field(
+        None, min_length=1, description="several losses: per-example worst case over all of them (overrides loss)")
+    version: Literal["standard", "plus", "rand"] = Field("standard", description="AutoAttack version")
+    label: str | None = Field(None, min_length=1, max_length=64,
+                              description="name shown in tables (default: derived from name, loss and steps)")
+
+    @model_validator(mode="after")
+    def _norm(self) -> AttackSpec:
+        fixed = {"fgsm": "Linf", "bim": "Linf", "mim": "Linf", "pgd": "Linf", "pgdl2": "L2", "cw": "L2"}
+        if self.norm is not None and self.name in fixed and self.norm != fixed[self.name]:
+            raise ValueError(f"norm: {self.name} is an {fixed[self.name]} attack (use pgd / pgdl2 for the other norm)")
+        return self
 
     @field_validator("eps")
     @classmethod
@@ -162,6 +181,26 @@ class AttackSpec(StrictModel):
         if len(v) > 32:
             raise ValueError("at most 32 eps values")
         return v
+
+
+class MemberTransferSpec(StrictModel):
+    """Member-to-member transferability: PGD on member i alone, scored on member j."""
+
+    eps: float | None = Field(None, gt=0, le=64, description="L∞ eps; default the middle eps of the first L∞ attack")
+    steps: int = Field(10, ge=1, le=10_000)
+    alpha: float | None = Field(None, gt=0, le=64, description="step size; default eps/5")
+
+
+class EvalChecksSpec(StrictModel):
+    """The automatic sanity checks (flags) run with every evaluation."""
+
+    large_eps: float | None = Field(0.5, gt=0, le=64, description="L∞ eps at which accuracy must reach chance; "
+                                    "null disables (0.5 lets every image become the same grey image)")
+    large_eps_l2: float | None = Field(None, gt=0, le=1e4, description="L2 counterpart; default 0.5·sqrt(pixels)")
+    large_eps_steps: int = Field(20, ge=1, le=10_000)
+    n_examples: int = Field(100, ge=1, le=10_000, description="examples used by the large-eps and PGD-k/2k checks")
+    convergence: bool = Field(True, description="PGD-k vs PGD-2k on the first PGD attack's middle eps")
+    tolerance: float = Field(0.02, ge=0, le=1, description="accuracy difference that raises a comparison flag")
 
 
 class EvaluateSpec(StrictModel):
@@ -182,6 +221,18 @@ class EvaluateSpec(StrictModel):
     batch_size: int = Field(250, ge=1, le=MAX_BATCH)
     workers: int = Field(1, ge=1, le=MAX_WORKERS)
     use_gpu: bool = False
+    transfer_attacks: list[AttackSpec] = Field(
+        default_factory=list, max_length=32,
+        description="attacks crafted on the surrogate and applied to the target (black-box transfer); empty with a "
+                    "surrogate = PROTOCOL.md's set (FGSM, BIM, MIM, PGD; CE and CW κ=0.1) at the data set's eps")
+    transfer_n_examples: int | None = Field(
+        None, ge=1, le=10_000, description="seeded slice for the transfer attacks (default n_examples); the smaller "
+                                           "of the two slices is contained in the larger")
+    member_transfer: MemberTransferSpec | None = Field(
+        default_factory=MemberTransferSpec, description="member-to-member transferability matrix; null disables")
+    checks: EvalChecksSpec = Field(default_factory=EvalChecksSpec)
+    among_correct: bool = Field(
+        True, description="also report robust accuracy among the initially correct examples (labelled as such)")
 
     @model_validator(mode="after")
     def _target(self) -> EvaluateSpec:
