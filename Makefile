@@ -3,10 +3,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-APT_PACKAGES := postgresql dataset-fashion-mnist
+APT_PACKAGES := postgresql dataset-fashion-mnist docker-compose
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit demo bench lint format clean
+.PHONY: install test test-unit demo bench lint compose-check clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ demo: install
 
 bench: install
 	$(PY) -m bench
+
+# Validates docker-compose.yml with the documented .env.example (no Docker engine needed).
+compose-check:
+	docker-compose --env-file .env.example config -q
+	docker-compose --env-file .env.example --profile gpu config -q
 
 lint: install
 	$(VENV)/bin/ruff check .
