@@ -56,7 +56,8 @@ class TrainSpec(StrictModel):
 
     method: str = Field("baseline", description="a registered method name (GET /v1/methods)")
     dataset: str = Field("mnist", description=f"one of {', '.join(DATASETS)}")
-    data_dir: str | None = Field(None, description="directory of the dataset files (CIFAR, or a non-default Fashion-MNIST)")
+    data_dir: str | None = Field(
+        None, description="directory of the dataset files (CIFAR, or a non-default Fashion-MNIST)")
     architecture: str = Field("lenet5", description="a registered architecture name")
     members: int = Field(3, ge=1, le=MAX_MEMBERS)
     epochs: int = Field(2, ge=1, le=MAX_EPOCHS)
@@ -263,8 +264,56 @@ class SearchDomain(StrictModel):
         return self
 
 
+# Training-split sizes, to check a search's held-out validation size before any trial starts.
+TRAIN_SPLIT_SIZES = {"mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000,
+                     "synthetic": 2048}
+TUNE_LR_KEYS = ("lr", "optimizer.lr")
+TUNE_METRICS = ("val_clean_acc", "val_robust_acc", "objective")  # and any train_* loss term
+
+
+def tune_target(key: str) -> tuple[str, str]:
+    """Where a search-space key goes in a train spec: ("optimizer", "lr") or ("hyperparameters", name)."""
+    if key in TUNE_LR_KEYS:
+        return "optimizer", "lr"
+    return "hyperparameters", key.removeprefix("hyperparameters.")
+
+
+def apply_tune_config(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The train spec of one trial: ``base`` with each searched value put in its place."""
+    spec = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in config.items():
+        section, name = tune_target(key)
+        spec[section] = {**(spec.get(section) or {}), name: value}
+    return spec
+
+
+def _tune_metric_problem(name: str) -> str | None:
+    if name in TUNE_METRICS or name.startswith("train_"):
+        return None
+    if name.startswith(("sel_", "test_")):
+        return (f"{name!r} is measured on the test split; a search may only select on the held-out "
+                f"validation split: use one of {', '.join(TUNE_METRICS)} or a train_* loss")
+    return f"unknown metric {name!r}; expected one of {', '.join(TUNE_METRICS)} or a train_* loss"
+
+
+class RobustMetricSpec(StrictModel):
+    """The cheap fixed attack a search may select on: PGD on a fixed validation subset, every epoch."""
+
+    eps: float | None = Field(None, gt=0, le=1, description="L∞ budget in [0, 1] pixels; default by data "
+                                                             "set: MNIST 0.2, Fashion-MNIST 0.1, CIFAR 8/255")
+    steps: int = Field(10, ge=1, le=100, description="PGD steps of size eps/4, from a seeded random start")
+    n_examples: int = Field(500, ge=1, le=10_000, description="the first n images of the validation split")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the random start")
+
+
 class TuneSpec(StrictModel):
-    """A Ray Tune search over a method's hyperparameters (and the optimiser's lr)."""
+    """A Ray Tune search over a method's hyperparameters (and the optimiser's lr).
+
+    ``search_space`` keys are the method's hyperparameter names (as in ``GET /v1/methods``; also
+    accepted as ``hyperparameters.<name>``) and ``lr`` (or ``optimizer.lr``). Every trial trains
+    ``base`` with the sampled values on ``val_size`` held-out training images and reports ``metric``
+    once per epoch (so ASHA can stop it early); the test split is never used to select.
+    """
 
     base: dict[str, Any] = Field(description="a train spec; searched keys override it")
     search_space: dict[str, SearchDomain]
@@ -278,9 +327,122 @@ class TuneSpec(StrictModel):
     reduction_factor: int = Field(2, ge=2, le=16)
     cpus_per_trial: float = Field(1.0, gt=0, le=64)
     gpus_per_trial: float = Field(0.0, ge=0, le=8)
+    val_size: int = Field(5000, ge=1, le=50_000, description="training images held out in every trial; the "
+                                                              "metric is measured on them")
+    robust: RobustMetricSpec | None = Field(
+        None, description="per-epoch PGD on the validation subset, reported as val_robust_acc")
+    objective: dict[str, float] | None = Field(
+        None, description="weights of reported metrics; each trial also reports their sum as 'objective'")
+    perturbation_interval: int = Field(1, ge=1, le=1000, description="PBT: epochs between explore steps")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the random search")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _robust_default(cls, data: Any) -> Any:
+        """Selecting on robust accuracy switches the per-epoch attack on with its defaults."""
+        if isinstance(data, dict) and data.get("robust") is None:
+            weights = data.get("objective") or {}
+            if data.get("metric") == "val_robust_acc" or "val_robust_acc" in weights:
+                data = {**data, "robust": {}}
+        return data
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # Errors carry their own locations (base.<field>); the stored base has every default filled in.
+        return TrainSpec.model_validate(v).resolved()
+
+    @field_validator("search_space")
+    @classmethod
+    def _search_space(cls, v: dict[str, SearchDomain], info: ValidationInfo) -> dict[str, SearchDomain]:
+        from pydantic import ValidationError
+        from pydantic_core import InitErrorDetails, PydanticCustomError
+
+        if not v:
+            raise ValueError("the search space needs at least one key")
+        base = info.data.get("base")
+        if base is None:  # the base failed validation; its errors are reported
+            return v
+        from ensemble_core.methods import hyperparameter_model
+
+        hp_fields = hyperparameter_model(base["method"]).model_fields
+        errors = []
+
+        def bad(key: str, msg: str, value: Any) -> None:
+            msg = msg.replace("{", "(").replace("}", ")")
+            errors.append(InitErrorDetails(type=PydanticCustomError("search_space", msg), loc=(key,),
+                                           input=value))
+
+        for key, dom in v.items():
+            section, name = tune_target(key)
+            if section == "hyperparameters" and name not in hp_fields:
+                bad(key, f"{base['method']} has no hyperparameter {name!r}; searchable: "
+                         f"{', '.join([*hp_fields, 'lr'])}", key)
+                continue
+            annotation = hp_fields[name].annotation if section == "hyperparameters" else float
+            if dom.type in ("uniform", "loguniform") and not _accepts_float(annotation):
+                bad(key, f"{name} does not take real numbers: use choice, grid or randint", dom.type)
+                continue
+            probes: list[Any] = list(dom.values or [])
+            if dom.type in ("uniform", "loguniform"):
+                probes = [dom.low, dom.high]
+            elif dom.type == "randint":
+                probes = [int(dom.low or 0), int(dom.high or 0) - 1]  # high is exclusive
+            for value in probes:
+                try:
+                    TrainSpec.model_validate(apply_tune_config(base, {key: value}))
+                except ValidationError as e:
+                    first = e.errors(include_url=False)[0]
+                    bad(key, f"value {value!r} is invalid: {first['msg']}", value)
+                    break
+        if errors:
+            raise ValidationError.from_exception_data("search_space", errors)
+        return v
+
+    @model_validator(mode="after")
+    def _check_search(self) -> TuneSpec:
+        problem = _tune_metric_problem(self.metric)
+        if problem:
+            raise ValueError(f"metric: {problem}")
+        if self.objective is not None:
+            if self.metric != "objective":
+                raise ValueError("objective: the weights are only used with metric 'objective'")
+            for name in self.objective:
+                problem = "it cannot weigh itself" if name == "objective" else _tune_metric_problem(name)
+                if problem:
+                    raise ValueError(f"objective: {problem}")
+        elif self.metric == "objective":
+            raise ValueError("objective: metric 'objective' needs weights, e.g. {'val_clean_acc': 0.5, "
+                             "'val_robust_acc': 0.5}")
+        if self.search_alg == "grid":
+            not_grid = [k for k, d in self.search_space.items() if d.type not in ("grid", "choice")]
+            if not_grid:
+                raise ValueError(f"search_alg: 'grid' needs choice or grid values, but {not_grid[0]!r} is "
+                                 f"{self.search_space[not_grid[0]].type}")
+        size = TRAIN_SPLIT_SIZES.get(self.base["dataset"])
+        if size is not None and self.val_size >= size:
+            raise ValueError(f"val_size: {self.val_size} must be smaller than the {self.base['dataset']} "
+                             f"training split ({size})")
+        return self
 
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def trial_spec(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The train spec a trial runs: the base, the sampled values, the search's validation split."""
+        return {**apply_tune_config(self.base, config), "val_size": self.val_size}
+
+    def best_train_spec(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A full train job from a trial's values: the user's base (its own val_size) with the values."""
+        return apply_tune_config(self.base, config)
+
+
+def _accepts_float(annotation: Any) -> bool:
+    import typing
+
+    if annotation is float:
+        return True
+    return float in typing.get_args(annotation)
 
 
 SPEC_MODELS: dict[str, type[StrictModel]] = {"train": TrainSpec, "evaluate": EvaluateSpec, "tune": TuneSpec}

@@ -15,6 +15,9 @@ import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # two processes computing at once must not spin-wait
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Keep a local Ray on loopback: by default Ray on Linux advertises the machine's interface address
+# (its "cluster" mode); with this off, every Ray process binds and connects to 127.0.0.1.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +28,14 @@ def pg_server() -> Iterator[object]:
     root = Path(tempfile.mkdtemp(prefix="re-pg-"))
     (root / "pgdata").mkdir()
     server = get_server(root / "pgdata", cleanup_mode="delete")
+    # A throwaway cluster needs no durability: without fsync its shutdown after many test databases
+    # takes seconds instead of a minute.
+    import psycopg
+
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+            conn.execute(f"ALTER SYSTEM SET {setting} = off")
+        conn.execute("SELECT pg_reload_conf()")
     yield server
     server.cleanup()
 
