@@ -28,7 +28,11 @@ case "$cmd" in
     echo "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$RAY_AUTH_TOKEN RAY_ADDRESS=127.0.0.2:$port"
     ;;
   stop)
-    "$RAY" stop --force >/dev/null 2>&1 || true
+    # Only this cluster's processes (both nodes run under "$state/ray/"); `ray stop` would end every
+    # Ray on the machine, other sessions' included. Workers exit when their raylet does.
+    pkill -TERM -f -- "$state/ray/" 2>/dev/null || true
+    for _ in $(seq 20); do pgrep -f -- "$state/ray/" >/dev/null || break; sleep 0.5; done
+    pkill -KILL -f -- "$state/ray/" 2>/dev/null || true
     ;;
   *)
     echo "usage: $0 start [PORT] | stop" >&2

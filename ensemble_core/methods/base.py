@@ -180,15 +180,30 @@ class Method(abc.ABC):
         """Method-specific diagnostics computed on the final ensemble (e.g. diversity measures)."""
         return {}
 
+    def step_cost(self, stage: Stage) -> dict[str, float]:
+        """The passes one training step of ``stage`` needs, counted in per-member primitives.
+
+        Keys: ``fwd`` (a forward pass), ``fwd_bwd`` (forward + backward to the weights),
+        ``input_grad`` (forward + gradient w.r.t. the input only: one attack step) and ``double``
+        (forward, input gradient with ``create_graph``, backward through both). ``bench/`` multiplies
+        these counts by the measured cost of each primitive to get the method's floor (issue 13).
+        Default: one forward+backward per trained member.
+        """
+        return {"fwd_bwd": float(len(stage.train_members))}
+
     @classmethod
     def describe(cls) -> dict[str, Any]:
         """The method with its hyperparameter schema, defaults and meanings (GET /v1/methods)."""
         schema = cls.Hyperparameters.model_json_schema()
+        try:  # every default, default factories included, in JSON form
+            defaults = cls.Hyperparameters().model_dump(mode="json")
+        except ValueError:  # a required hyperparameter: no complete set of defaults
+            defaults = {}
         fields = {}
         for fname, f in cls.Hyperparameters.model_fields.items():
             prop = schema.get("properties", {}).get(fname, {})
             fields[fname] = {
-                "default": f.default if f.default is not None or not f.is_required() else None,
+                "default": defaults.get(fname),
                 "description": f.description or "",
                 **{k: prop[k] for k in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
                                        "enum", "anyOf") if k in prop},

@@ -1,0 +1,7 @@
+"""robust-ensembles service: the REST API (FastAPI), the Postgres job queue, settings and the CLI.
+
+Nothing in this package imports torch at import time: the API starts fast and loads torch only
+where a request needs it (spec validation of a method's hyperparameters, ``GET /v1/methods``).
+"""
+
+__version__ = "0.1.0"

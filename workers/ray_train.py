@@ -1,0 +1,288 @@
+"""Run one train job with Ray Train (``TorchTrainer``, Train V2): DDP over ``spec.workers`` ranks.
+
+The worker loop calls :func:`run_train_job`. Each Ray Train worker runs the shared training loop
+(:func:`ensemble_core.training.train_ensemble`) with its real rank and world size; the global batch
+is sliced per rank by the loader, and ``prepare_model`` wraps the :class:`TrainNet` in DDP (gloo on
+CPUs, NCCL with one GPU per worker).
+
+Run state, resume and failures:
+
+- ``RunConfig(name=job_id, storage_path=...)``: a re-leased job resumes, because Train V2 reloads the
+  run's checkpoint list from ``(storage_path, name)`` and ``ray.train.get_checkpoint()`` returns the
+  latest one inside the workers. Every epoch each rank calls ``ray.train.report`` once; rank 0
+  attaches a directory holding the one-file state of :mod:`ensemble_core.checkpoint`.
+- ``FailureConfig(max_failures)``: when a Ray worker dies, Train restarts the group, which resumes
+  from the last reported checkpoint.
+- Cancel: the caller's ``should_stop`` is polled in the caller's process; a stop request is put in a
+  :class:`~workers.ray_common.JobChannel` that rank 0 reads every few steps and broadcasts to the
+  other ranks (so every rank stops after the same step). If the workers do not stop within a grace
+  period (e.g. a very slow step), they are killed and the restarted group returns at once.
+- Spec and data problems become :class:`workers.errors.UserError`: the spec is validated before
+  anything starts, and a ``ValueError`` / ``DataUnavailableError`` raised while a worker sets the
+  run up (before the first training step) is reported through the channel and ends the run at once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from pydantic import ValidationError
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ensemble_core.spec import TrainSpec
+from workers.errors import InfrastructureError, JobCancelled, UserError
+from workers.ray_common import (
+    DriveState,
+    JobChannel,
+    cpus_per_worker,
+    describe_validation_error,
+    drive,
+    ensure_ray,
+    torch_threads_for,
+)
+
+STATE_FILE = "state.pt"  # inside each Ray checkpoint directory: ensemble_core's one-file checkpoint
+DEFAULT_MAX_FAILURES = 2  # worker-group restarts within one attempt before the attempt fails
+STOP_GRACE_S = 20.0  # after a stop request, how long the workers may take before they are killed
+
+
+def scaling_config_for(spec: TrainSpec, cpus: float | None = None) -> ScalingConfig:
+    """One Ray Train worker per DDP rank; each reserves ``cpus`` cores and, with GPUs, exactly one GPU."""
+    cpus = cpus_per_worker() if cpus is None else cpus
+    resources: dict[str, float] = {"CPU": cpus}
+    if spec.use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources)
+
+
+def torch_config_for(spec: TrainSpec) -> TorchConfig:
+    return TorchConfig(backend="nccl" if spec.use_gpu else "gloo")
+
+
+def validate_train_spec(spec: dict[str, Any] | TrainSpec) -> TrainSpec:
+    """The validated spec, or :class:`UserError` naming the bad fields."""
+    try:
+        ts = spec if isinstance(spec, TrainSpec) else TrainSpec.model_validate(spec)
+    except ValidationError as e:
+        raise UserError(f"invalid train spec: {describe_validation_error(e)}") from e
+    except ValueError as e:
+        raise UserError(f"invalid train spec: {e}") from e
+    if ts.batch_size % ts.workers:
+        raise UserError(f"batch_size: the global batch {ts.batch_size} must be divisible by "
+                        f"workers={ts.workers}")
+    return ts
+
+
+# ----------------------------------------------------------------------------------------------
+# Inside each Ray Train worker
+
+
+def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Body of every Ray Train worker: resume, train with DDP, report per epoch, report the final state."""
+    import torch
+    import torch.distributed as dist
+
+    from ensemble_core.checkpoint import load_checkpoint, save_checkpoint
+    from ensemble_core.data import DataUnavailableError
+    from ensemble_core.training import TrainHooks, TrainingStopped, train_ensemble
+
+    torch.set_num_threads(config["threads"])
+    channel = config["channel"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    ray.get(channel.register_worker.remote(rank, ray.get_runtime_context().current_actor))
+    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+
+    def stop_requested() -> bool:
+        """Rank 0 asks the channel; every rank gets the same answer (called at the same step on all ranks)."""
+        flag = torch.zeros(1, device=device)
+        if rank == 0 and ray.get(channel.stop_reason.remote()) is not None:
+            flag += 1
+        if distributed:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    if stop_requested():  # a restart after the caller asked to stop: end at once
+        return {"stopped": True}
+
+    def log(line: str) -> None:
+        if rank == 0:
+            channel.push.remote("log", line)
+        else:
+            print(f"[rank {rank}] {line}", flush=True)
+
+    resume_state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume_state = load_checkpoint(Path(d) / STATE_FILE)
+
+    phase = {"setup": True}
+
+    def wrap(net: torch.nn.Module, find_unused_parameters: bool) -> torch.nn.Module:
+        phase["setup"] = False  # called once the data, members and loader exist
+        if world == 1:
+            return net
+        return ray.train.torch.prepare_model(
+            net, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters})
+
+    def on_epoch_end(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        with tempfile.TemporaryDirectory(prefix="re-ckpt-") as d:
+            checkpoint = None
+            if state is not None:
+                save_checkpoint(state, Path(d) / STATE_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:  # after the report: an epoch the caller sees is an epoch that is checkpointed
+            channel.push.remote("epoch", metrics)
+
+    hooks = TrainHooks(wrap=wrap, on_epoch_end=on_epoch_end, should_stop=stop_requested, log=log)
+    try:
+        result = train_ensemble(config["spec"], device=device, rank=rank, world_size=world,
+                                resume_state=resume_state, hooks=hooks)
+    except TrainingStopped:
+        return {"stopped": True}
+    except (ValidationError, DataUnavailableError, ValueError) as e:
+        if not phase["setup"]:
+            raise
+        message = describe_validation_error(e) if isinstance(e, ValidationError) else str(e)
+        ray.get(channel.push.remote("user_error", message))
+        ray.get(channel.request_stop.remote("user_error"))
+        return {"user_error": message}
+
+    # The final state (rank 0) is reported as one more checkpoint, so the caller reads it from storage
+    # and a re-run after this point only repeats the final evaluation.
+    with tempfile.TemporaryDirectory(prefix="re-final-") as d:
+        checkpoint = None
+        final_metrics: dict[str, Any] = {"final": True}
+        if rank == 0:
+            assert result.state is not None
+            save_checkpoint(result.state, Path(d) / STATE_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+            final_metrics.update(result.metrics)
+        ray.train.report(final_metrics, checkpoint=checkpoint)
+    return {"finished": True}
+
+
+# ----------------------------------------------------------------------------------------------
+# In the caller's process
+
+
+def _kill_workers(channel: Any) -> None:
+    for handle in ray.get(channel.workers.remote(), timeout=10):
+        ray.kill(handle, no_restart=True)
+
+
+def _worker_failure_is_infrastructure(err: Exception) -> bool:
+    failures = getattr(err, "worker_failures", None) or {}
+    return any(isinstance(e, ray.exceptions.RayActorError) for e in failures.values())
+
+
+def run_train_job(
+    spec: dict[str, Any],
+    *,
+    job_id: str,
+    storage_path: str,
+    artifacts_dir: str,
+    on_epoch: Callable[[dict[str, Any]], None],
+    should_stop: Callable[[], bool],
+    log: Callable[[str], None],
+    max_failures: int = DEFAULT_MAX_FAILURES,
+) -> dict[str, Any]:
+    """Train the ensemble of ``spec`` with Ray Train; write ``ensemble.pt`` and ``results.json``.
+
+    ``on_epoch(metrics)`` and ``log(line)`` are called on the caller's thread during the run (once per
+    epoch trained in this call; an epoch redone after a worker restart is reported again).
+    ``should_stop()`` is polled about once a second; when it turns true the run stops within seconds
+    and :class:`JobCancelled` is raised. Calling again with the same ``job_id`` and ``storage_path``
+    resumes from the last finished epoch. Returns ``{"metrics": ..., "results": ...}``.
+    """
+    ts = validate_train_spec(spec)
+    if should_stop():
+        raise JobCancelled("cancelled before the run started")
+    ensure_ray()
+    out_dir = Path(artifacts_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cpus = cpus_per_worker()
+    channel = JobChannel.remote()
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"spec": ts.resolved(), "channel": channel, "threads": torch_threads_for(cpus)},
+        scaling_config=scaling_config_for(ts, cpus),
+        torch_config=torch_config_for(ts),
+        run_config=RunConfig(
+            name=str(job_id),
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+    def handle(kind: str, payload: Any, state: DriveState) -> None:
+        if kind == "epoch":
+            on_epoch(payload)
+        elif kind == "log":
+            log(payload)
+        elif kind == "user_error":
+            state.user_error = state.user_error or payload
+
+    t0 = time.monotonic()
+    log(f"starting Ray Train: {ts.workers} worker(s), {'GPU' if ts.use_gpu else 'CPU'}, run {job_id}")
+    try:
+        result, error, dstate = drive(
+            trainer.fit, drain=lambda: ray.get(channel.drain.remote(), timeout=30), handle=handle,
+            should_stop=should_stop,
+            request_stop=lambda r: ray.get(channel.request_stop.remote(r), timeout=30),
+            force_stop=lambda: _kill_workers(channel), log=log, grace_s=STOP_GRACE_S)
+    finally:
+        # Whatever happened, no worker of this run may outlive the call: a controller that lost contact
+        # with this process must not go on training beside the next attempt. (Killing the channel also
+        # makes any restarted worker fail at once.)
+        try:
+            _kill_workers(channel)
+        except Exception as e:  # noqa: BLE001 - the channel itself may be gone
+            log(f"could not clean up the run's workers: {type(e).__name__}: {e}")
+        ray.kill(channel)
+
+    if dstate.user_error is not None:
+        raise UserError(dstate.user_error)
+    if dstate.stop_reason == "cancel":
+        raise JobCancelled(f"cancelled after {time.monotonic() - t0:.1f} s")
+    if error is not None:
+        if isinstance(error, ray.train.ControllerError | ray.exceptions.RayError) or \
+                _worker_failure_is_infrastructure(error):
+            # the controller or a worker process died, or Ray lost contact with it: retry the attempt
+            raise InfrastructureError(f"Ray Train failed: {type(error).__name__}: {error}") from error
+        raise error
+    if result is None or result.checkpoint is None or not (result.metrics or {}).get("final"):
+        raise InfrastructureError("the Ray Train run ended without its final checkpoint")
+
+    with result.checkpoint.as_directory() as d:
+        state_path = Path(d) / STATE_FILE
+        tmp = out_dir / ".ensemble.pt.tmp"
+        shutil.copyfile(state_path, tmp)
+        tmp.replace(out_dir / "ensemble.pt")
+    from ensemble_core.checkpoint import load_checkpoint
+
+    state = load_checkpoint(out_dir / "ensemble.pt")
+    results = json.loads(state["results"])
+    history = json.loads(state["history"])
+    metrics = results.get("metrics", {})
+    record = {"metrics": metrics, **results, "history": history}
+    (out_dir / "results.json").write_text(json.dumps(record, indent=2))
+    log(f"finished in {time.monotonic() - t0:.1f} s: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "member" not in k))
+    return {"metrics": metrics, "results": {**results, "history": history}}
+
+
+__all__ = ["STATE_FILE", "run_train_job", "scaling_config_for", "torch_config_for", "validate_train_spec"]
