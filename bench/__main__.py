@@ -1,0 +1,28 @@
+"""``make bench`` / ``python -m bench [NAME ...]``: run benchmarks and print their ratios."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "methods": "bench.methods",
+    "data": "bench.data_path",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("names", nargs="*", help=f"which benchmarks (default all): {', '.join(BENCHMARKS)}")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    for name in args.names or list(BENCHMARKS):
+        importlib.import_module(BENCHMARKS[name]).run()
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""The evaluation runner on a small synthetic problem: per-example worst case, deployed-rule scoring,
+resumable state, shard equivalence, records and artifacts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ensemble_core.data import DatasetInfo, TensorDataset, synthetic_dataset
+from ensemble_core.ensemble import Ensemble
+from ensemble_core.evaluation import EvalState, EvaluationStopped, compute, prepare_plan, run_evaluation
+from ensemble_core.evaluation.records import summarize
+from ensemble_core.evaluation.runner import _col
+
+torch.set_num_threads(1)
+INFO = DatasetInfo("synthetic", 10, 1, 8, (0.5,), (0.25,), False)
+
+
+def _data(n: int, seed: int) -> TensorDataset:
+    ds = synthetic_dataset(n=n, seed=seed, size=8)
+    return TensorDataset(ds.images, ds.labels, INFO)
+
+
+def _train_members(k: int, seed: int) -> list[nn.Module]:
+    train = _data(800, seed=100 + seed)
+    x, y = train.as_float()
+    members = []
+    for i in range(k):
+        torch.manual_seed(seed * 10 + i)
+        m = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        for _ in range(60):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        members.append(m.eval())
+    return members
+
+
+@pytest.fixture(scope="module")
+def target() -> Ensemble:
+    return Ensemble(_train_members(3, 0), "mean_logits").eval()
+
+
+@pytest.fixture(scope="module")
+def surrogate() -> Ensemble:
+    return Ensemble(_train_members(2, 1), "log_mean_probs").eval()
+
+
+@pytest.fixture(scope="module")
+def test_set() -> TensorDataset:
+    return _data(1200, seed=7)
+
+
+def _spec(**kw: object) -> dict:
+    spec = {"target_checkpoint": "in-memory", "n_examples": 60, "batch_size": 20, "split": "report",
+            "attacks": [{"name": "pgd", "eps": [0.1, 0.2, 0.3], "steps": 10, "restarts": 2},
+                        {"name": "fgsm", "eps": [0.1, 0.2, 0.3]}],
+            "checks": {"n_examples": 20}}
+    spec.update(kw)
+    return spec
+
+
+def test_clean_accuracy_and_records_shape(target: Ensemble, test_set: TensorDataset) -> None:
+    r = run_evaluation(_spec(), target, test_set=test_set, log=lambda m: None)
+    x, y = _data(1200, seed=7).as_float()
+    plan = prepare_plan(_spec(), target, test_set=test_set)
+    xs = x[torch.tensor(plan.indices)]
+    expected = float((target.predict(xs) == y[torch.tensor(plan.indices)]).float().mean())
+    assert r["clean"]["target"]["clean_acc"] == pytest.approx(expected)
+    rec = [q for q in r["records"] if q["attack"] == "pgd-10x2" and q["eps"] == 0.1][0]
+    for k in ("clean_acc", "robust_acc", "eps", "norm", "threat_model", "attack", "attack_params", "n_examples",
+              "seed", "flags", "unreliable", "robust_acc_among_correct"):
+        assert k in rec
+    assert rec["n_examples"] == 60 and rec["norm"] == "Linf" and rec["attack_params"]["restarts"] == 2
+    assert rec["attack_params"]["alpha"] == pytest.approx(0.025)
+    assert rec["robust_acc_among_correct"] == pytest.approx(rec["n_robust"] / rec["n_clean_correct"])
+    accs = [q["robust_acc"] for q in r["records"] if q["attack"] == "pgd-10x2"]
+    assert accs == sorted(accs, reverse=True) and accs[-1] < 0.5 * rec["clean_acc"]
+
+
+def test_worst_case_is_per_example_not_min_of_averages(target: Ensemble, test_set: TensorDataset) -> None:
+    """Two attacks that fool disjoint halves: each leaves 50 %, the per-example worst case 0 %."""
+    spec = _spec(attacks=[{"name": "pgd", "eps": [0.1], "steps": 5}, {"name": "fgsm", "eps": [0.1]}],
+                 member_transfer=None, checks={"large_eps": None, "convergence": False, "n_examples": 20})
+    plan = prepare_plan(spec, target, test_set=test_set)
+    st = EvalState(plan.fingerprint, 0, plan.n)
+    pos = range(plan.n)
+    half = torch.arange(plan.n) < plan.n // 2
+    st.set_bools(_col("target", "clean"), pos, torch.ones(plan.n, dtype=torch.bool))
+    for k in ("randomized", "prob_outputs", "log_prob_outputs", "zero_grad|ce", "zero_grad|cw"):
+        st.set_bools(f"target|{k}", pos, torch.zeros(plan.n, dtype=torch.bool))
+    for i in range(3):
+        st.set_bools(_col("target", "member_clean", i), pos, torch.ones(plan.n, dtype=torch.bool))
+    st.set_bools(_col("target", "wb", 0, 0.1), pos, half)
+    st.set_bools(_col("target", "wb", 1, 0.1), pos, ~half)
+    r = summarize(plan, st)
+    by = {q["attack"]: q["robust_acc"] for q in r["records"]}
+    assert by["pgd-5"] == 0.5 and by["fgsm"] == 0.5
+    assert by["worst case (Linf, all attacks)"] == 0.0
+
+
+def test_smaller_eps_success_counts_at_larger_eps(target: Ensemble, test_set: TensorDataset) -> None:
+    spec = _spec(attacks=[{"name": "pgd", "eps": [0.05], "steps": 5}, {"name": "fgsm", "eps": [0.2]}],
+                 member_transfer=None, checks={"large_eps": None, "convergence": False, "n_examples": 20})
+    plan = prepare_plan(spec, target, test_set=test_set)
+    st = EvalState(plan.fingerprint, 0, plan.n)
+    pos = range(plan.n)
+    ones, zeros = torch.ones(plan.n, dtype=torch.bool), torch.zeros(plan.n, dtype=torch.bool)
+    st.set_bools(_col("target", "clean"), pos, ones)
+    for k in ("randomized", "prob_outputs", "log_prob_outputs", "zero_grad|ce", "zero_grad|cw"):
+        st.set_bools(f"target|{k}", pos, zeros)
+    for i in range(3):
+        st.set_bools(_col("target", "member_clean", i), pos, ones)
+    first = torch.arange(plan.n) < 10
+    st.set_bools(_col("target", "wb", 0, 0.05), pos, ~first)  # PGD breaks 10 examples at 0.05
+    st.set_bools(_col("target", "wb", 1, 0.2), pos, ones)  # FGSM breaks none at 0.2
+    r = summarize(plan, st)
+    wc = {q["eps"]: q["robust_acc"] for q in r["records"] if q["attack"].startswith("worst case")}
+    assert wc == {0.05: pytest.approx(50 / 60), 0.2: pytest.approx(50 / 60)}
+
+
+def test_vote_abstention_counts_wrong_and_attack_uses_surrogate(test_set: TensorDataset) -> None:
+    members = _train_members(2, 3)
+    ens = Ensemble(members, "vote").eval()  # 2 members: any disagreement is a failed majority
+    r = run_evaluation(_spec(attacks=[{"name": "pgd", "eps": [0.1], "steps": 5}]), ens, test_set=test_set,
+                       log=lambda m: None)
+    plan = prepare_plan(_spec(), ens, test_set=test_set)
+    x, y = test_set.as_float()
+    idx = torch.tensor(plan.indices)
+    pred = ens.predict(x[idx])
+    assert r["clean"]["target"]["clean_acc"] == pytest.approx(float((pred == y[idx]).float().mean()))
+    assert r["models"]["target"]["deployed_rule"] == "vote"
+    assert r["models"]["target"]["attacked_rule"] == "log_mean_probs"
+    rec = [q for q in r["records"] if q["attack"] == "pgd-5"][0]
+    assert rec["deployed_rule"] == "vote" and rec["attacked_rule"] == "log_mean_probs"
+
+
+def test_resume_after_stop_gives_the_same_state(target: Ensemble, surrogate: Ensemble, test_set: TensorDataset,
+                                                tmp_path: Path) -> None:
+    spec = _spec(transfer_attacks=[{"name": "pgd", "eps": [0.1], "steps": 5, "losses": ["ce", "cw"]}],
+                 transfer_n_examples=80)
+    plan = prepare_plan(spec, target, surrogates=[surrogate], test_set=test_set)
+    full = compute(plan, log=lambda m: None)
+    calls = {"n": 0}
+
+    def stop_after_some() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 7
+
+    path = tmp_path / "state.json"
+    with pytest.raises(EvaluationStopped):
+        compute(plan, state_path=path, should_stop=stop_after_some, log=lambda m: None)
+    saved = json.loads(path.read_text())
+    assert 0 < len(saved["done"]) < len(full.done)
+    logs: list[str] = []
+    resumed = compute(plan, state_path=path, log=logs.append)
+    assert any("resuming" in m for m in logs)
+    assert resumed.columns == full.columns
+    assert resumed.floats == full.floats and resumed.done == full.done
+
+
+def test_shards_merge_to_the_single_process_result(target: Ensemble, surrogate: Ensemble,
+                                                    test_set: TensorDataset, tmp_path: Path) -> None:
+    spec = _spec(transfer_attacks=[{"name": "fgsm", "eps": [0.1], "losses": ["ce", "cw"]}],
+                 attacks=[{"name": "pgd", "eps": [0.1], "steps": 5, "restarts": 2},
+                          {"name": "cw", "eps": [0.5, 1.0], "steps": 20}], transfer_n_examples=80)
+    plan = prepare_plan(spec, target, surrogates=[surrogate], test_set=test_set)
+    nb = len(plan.batches())
+    assert nb == 4
+    full = compute(plan, log=lambda m: None, cache_dir=tmp_path / "cache")
+    shards = [compute(plan, batch_range=r, log=lambda m: None, cache_dir=tmp_path / "cache") for r in ((0, 1), (1, 4))]
+    merged = EvalState.merge(shards)
+    assert merged.columns == full.columns
+    assert merged.floats == full.floats
+    assert merged.counters == full.counters
+    a, b = summarize(plan, full), summarize(plan, merged)
+    assert a["records"] == b["records"] and a["flags"] == b["flags"]
+
+
+def test_transfer_cache_reused_and_target_independent(target: Ensemble, surrogate: Ensemble,
+                                                      test_set: TensorDataset, tmp_path: Path) -> None:
+    spec = _spec(attacks=[], transfer_attacks=[{"name": "pgd", "eps": [0.1], "steps": 5}], member_transfer=None,
+                 checks={"large_eps": None, "convergence": False, "n_examples": 20})
+    cache = tmp_path / "cache"
+    run_evaluation(spec, target, surrogates=[surrogate], test_set=test_set, cache_dir=cache, log=lambda m: None)
+    files = sorted(p.name for p in cache.rglob("*.pt"))
+    assert len(files) == 3  # one per batch of 20
+    other = Ensemble(_train_members(3, 5), "mean_logits").eval()
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*.pt")}
+    run_evaluation(spec, other, surrogates=[surrogate], test_set=test_set, cache_dir=cache, log=lambda m: None)
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.pt")} == before  # read, never re-crafted
+
+
+def test_artifacts_and_valid_json(target: Ensemble, surrogate: Ensemble, test_set: TensorDataset,
+                                  tmp_path: Path) -> None:
+    spec = _spec(transfer_attacks=[{"name": "fgsm", "eps": [0.1, 0.2]}], transfer_n_examples=60)
+    r = run_evaluation(spec, target, baseline=surrogate, surrogates=[surrogate], test_set=test_set,
+                       out_dir=tmp_path, log=lambda m: None)
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    loaded = json.loads(text)
+    assert loaded["records"] == json.loads(json.dumps(r["records"]))
+    for name in ("robust_acc_vs_eps_Linf.png", "transfer_acc_vs_eps.png", "member_transfer_target.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert {t["name"] for t in r["tables"]} >= {"clean", "white_box_Linf", "transfer", "flags"}
+    transfer = [t for t in r["tables"] if t["name"] == "transfer"][0]
+    assert [row[0] for row in transfer["rows"]] == ["target", "baseline"]
+    # the baseline is its own surrogate here, and the flag says so
+    assert any(f["name"] == "surrogate_is_target" and f["model"] == "baseline" for f in r["flags"])
+    assert all(math.isfinite(q["robust_acc"]) for q in r["records"])
