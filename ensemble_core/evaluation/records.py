@@ -109,9 +109,8 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
             clean_info[m.name]["clean_acc_transfer_slice"] = _acc(clean, tr_rows)
             clean_info[m.name]["n_examples_transfer_slice"] = int(tr_rows.sum())
 
-        # ---- model-level checks at the clean points
-        all_rows = torch.ones(plan.n, dtype=torch.bool)
-        n_all = plan.n
+        # ---- model-level checks at the clean points (the check rows)
+        n_all = int(_rows(state, _col(m.name, "randomized")).sum())
         n_random = int(_bools(state, _col(m.name, "randomized")).sum())
         n_probs = int(_bools(state, _col(m.name, "prob_outputs")).sum())
         n_logp = int(_bools(state, _col(m.name, "log_prob_outputs")).sum())
@@ -123,7 +122,6 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
         flags += check_randomized(m.name, n_random, n_all)
         flags += check_probability_outputs(m.name, m.attacked, n_probs, n_all)
         flags += check_zero_gradients(m.name, n_zero_cw, n_zero_ce, n_all)
-        del all_rows
 
         # ---- white-box and gradient-free records
         robust_by: dict[str, list[tuple[float, torch.Tensor, str]]] = {}  # norm -> (eps, robust, threat)

@@ -391,32 +391,42 @@ class _Runner:
 
     # --------------------------------------------------------------------------------- the units
     def run_clean(self, b: int, lo: int, hi: int) -> None:
+        """Clean predictions of every example; the model-level checks on the check rows (as AutoAttack
+        checks a first batch): randomness, probability outputs and zero input gradients."""
         x, y = self.batch(lo, hi)
         pos = range(lo, hi)
+        rows = self.plan.in_check[lo:hi]
+        idx = rows.nonzero().squeeze(1).to(x.device)
         for m in self.plan.models:
             ens, target = m.ensemble, m.ensemble.attack_target()
-            xg = x.clone().requires_grad_(True)
-            z_grad = ens.member_logits(xg)  # one pass serves the predictions and the gradient checks
-            out = target.rule.scores(z_grad)
             with torch.no_grad():
-                z1 = z_grad.detach()
-                z2 = ens.member_logits(x)
-                pred = ens.rule.predict_labels(z1)
-                pred2 = ens.rule.predict_labels(z2)
-                randomized = (z1 - z2).abs().amax(dim=(0, 2)) > 0
-                randomized |= pred != pred2
-            self.state.set_bools(_col(m.name, "clean"), pos, pred == y)
-            self.state.set_bools(_col(m.name, "randomized"), pos, randomized)
-            for k in range(z1.shape[0]):
-                self.state.set_bools(_col(m.name, "member_clean", k), pos, z1[k].argmax(-1) == y)
-            probs = ((out >= -1e-6) & (out <= 1 + 1e-6)).all(1) & ((out.sum(1) - 1).abs() < 1e-4)
-            log_probs = (out <= 1e-6).all(1) & (torch.logsumexp(out, 1).abs() < 1e-4)
-            (g_ce,) = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), xg, retain_graph=True)
-            (g_cw,) = torch.autograd.grad(cw_objective(out, y, kappa=1e9).sum(), xg)
-            self.state.set_bools(_col(m.name, "prob_outputs"), pos, probs.detach())
-            self.state.set_bools(_col(m.name, "log_prob_outputs"), pos, log_probs.detach())
-            self.state.set_bools(_col(m.name, "zero_grad", "ce"), pos, g_ce.flatten(1).abs().sum(1) == 0)
-            self.state.set_bools(_col(m.name, "zero_grad", "cw"), pos, g_cw.flatten(1).abs().sum(1) == 0)
+                z = ens.member_logits(x)
+            self.state.set_bools(_col(m.name, "clean"), pos, ens.rule.predict_labels(z) == y)
+            for k in range(z.shape[0]):
+                self.state.set_bools(_col(m.name, "member_clean", k), pos, z[k].argmax(-1) == y)
+            full = torch.zeros(hi - lo, dtype=torch.bool)
+            checks = {k: full.clone() for k in ("randomized", "prob_outputs", "log_prob_outputs", "zero_grad|ce",
+                                                "zero_grad|cw")}
+            if idx.numel():
+                xc, yc = x[idx], y[idx]
+                xg = xc.clone().requires_grad_(True)
+                z_grad = ens.member_logits(xg)  # a second pass on the same input: it must agree with the first
+                out = target.rule.scores(z_grad)
+                with torch.no_grad():
+                    z1 = z[:, idx]
+                    z2 = z_grad.detach()
+                    randomized = ((z1 - z2).abs().amax(dim=(0, 2)) > 0) | (
+                        ens.rule.predict_labels(z1) != ens.rule.predict_labels(z2))
+                    probs = ((out >= -1e-6) & (out <= 1 + 1e-6)).all(1) & ((out.sum(1) - 1).abs() < 1e-4)
+                    log_probs = (out <= 1e-6).all(1) & (torch.logsumexp(out, 1).abs() < 1e-4)
+                (g_ce,) = torch.autograd.grad(F.cross_entropy(out, yc, reduction="sum"), xg, retain_graph=True)
+                (g_cw,) = torch.autograd.grad(cw_objective(out, yc, kappa=1e9).sum(), xg)
+                for key, val in (("randomized", randomized), ("prob_outputs", probs), ("log_prob_outputs", log_probs),
+                                 ("zero_grad|ce", g_ce.flatten(1).abs().sum(1) == 0),
+                                 ("zero_grad|cw", g_cw.flatten(1).abs().sum(1) == 0)):
+                    checks[key][idx.cpu()] = val.cpu()
+            for key, val in checks.items():
+                self.state.set_bools(f"{m.name}|{key}", pos, val, rows)
 
     def run_unit_tests(self, u: Unit, b: int, lo: int, hi: int) -> None:
         """Zimmermann-style attack unit tests, once per evaluation (in the shard holding batch 0)."""

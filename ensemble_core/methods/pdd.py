@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 
 from ensemble_core.data import TensorDataset, iterate_eval
 from ensemble_core.methods import register_method
@@ -172,6 +173,66 @@ def feature_discrimination(feats: torch.Tensor, min_active: int = 2) -> torch.Te
     return torch.where(valid, score, torch.full_like(score, float("nan")))
 
 
+def diversity_diagnostics(members: list[nn.Module], test: TensorDataset, device: torch.device | str,
+                          batch_size: int = 250) -> dict[str, Any]:
+    """Spec §6.4 on clean images with the members in eval mode (no PDD); any ensemble's members.
+
+    * ``entropy_diversity_E``: eq. 5 over every image (Table 1).
+    * ``grad_angle_deg_mean`` / ``_median``: per image, the mean over member pairs of the angle between
+      the members' input gradients of their own CE (Fig. 3), over the images the ensemble (mean of
+      probabilities) gets right. Pairs where a gradient is exactly zero have no angle and are left out.
+    * ``grad_zero_frac``: the fraction of (image, member) input gradients that are exactly zero in float32
+      (a saturated softmax): a gradient-masking indicator for CE-based attacks.
+    * ``feature_discrimination_mean`` / ``_median``: eq. 6 on the penultimate features (Fig. 2), over the
+      images the ensemble gets right and where every member has ≥ 2 activated (> 0) units.
+    """
+    for m in members:
+        m.eval()
+    k = len(members)
+    pi, pj = torch.triu_indices(k, k, offset=1)
+    correct, angles, scores, zeros = [], [], [], []
+    with torch.enable_grad():
+        for x, y in iterate_eval(test, batch_size, device):
+            xs = [x.clone().requires_grad_(True) for _ in members]
+            parts = [m.forward_parts(xi) for m, xi in zip(members, xs, strict=True)]
+            logits = torch.stack([p.logits for p in parts])  # [K, B, C]
+            total = sum(F.cross_entropy(z, y, reduction="sum") for z in logits)
+            grads = torch.autograd.grad(total, xs)
+            with torch.no_grad():
+                right = logits.argmax(-1) == y
+                ens_right = logits.softmax(-1).mean(0).argmax(-1) == y
+                zero = torch.stack([g.flatten(1).abs().amax(1) == 0 for g in grads], 1)  # [B, K]
+                valid = ~zero[:, pi.to(zero.device)] & ~zero[:, pj.to(zero.device)]  # [B, P]
+                angle = torch.rad2deg(torch.acos(pairwise_cosines(grads).float().clamp(-1.0, 1.0)))
+                per_image = (angle * valid).sum(1) / valid.sum(1).clamp_min(1)
+                keep = ens_right & valid.any(1)
+                score = feature_discrimination(torch.stack([p.features for p in parts], 1))
+            correct.append(right)
+            zeros.append(zero)
+            angles.append(per_image[keep])
+            scores.append(score[ens_right])
+    if not correct:
+        return {"n": 0, "members": k}
+    right_all = torch.cat(correct, 1)
+    ang = torch.cat(angles)
+    sc = torch.cat(scores)
+    n_correct = int(sc.numel())
+    sc = sc[~torch.isnan(sc)]
+
+    def stat(v: torch.Tensor, f: str) -> float | None:
+        return float(getattr(v, f)()) if v.numel() else None
+
+    return {
+        "entropy_diversity_E": float(entropy_diversity(right_all)),
+        "n": int(right_all.shape[1]), "members": k, "n_ensemble_correct": n_correct,
+        "grad_angle_deg_mean": stat(ang, "mean"), "grad_angle_deg_median": stat(ang, "median"),
+        "n_grad_angle": int(ang.numel()),
+        "grad_zero_frac": float(torch.cat(zeros).float().mean()),
+        "feature_discrimination_mean": stat(sc, "mean"), "feature_discrimination_median": stat(sc, "median"),
+        "n_feature_discrimination": int(sc.numel()),
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -262,54 +323,8 @@ class PDD(Method):
         return LossOutput(loss, terms)
 
     def results(self, net: TrainNet, test: TensorDataset, device: torch.device) -> dict[str, Any]:
-        """Diversity diagnostics of spec §6.4 on the clean test subset, members in eval mode (no PDD).
-
-        * ``entropy_diversity_E``: eq. 5 over every image of the subset (Table 1).
-        * ``grad_angle_deg_mean`` / ``_median``: per image, the mean over pairs of the angle between the
-          members' input gradients of their own CE (Fig. 3), over the images the ensemble gets right.
-        * ``feature_discrimination_mean`` / ``_median``: eq. 6 on the penultimate features (Fig. 2),
-          over the images the ensemble gets right and where every member has ≥ 2 active units.
-        """
-        members = list(net.members)
-        k = len(members)
+        """Diversity diagnostics of spec §6.4 on the clean test subset (see :func:`diversity_diagnostics`)."""
         was_training = net.training
-        net.eval()
-        correct, angles, scores = [], [], []
-        with torch.enable_grad():
-            for x, y in iterate_eval(test, 250, device):
-                xs = [x.clone().requires_grad_(True) for _ in members]
-                parts = [m.forward_parts(xi) for m, xi in zip(members, xs, strict=True)]
-                logits = torch.stack([p.logits for p in parts])  # [K, B, C]
-                total = sum(F.cross_entropy(z, y, reduction="sum") for z in logits)
-                grads = torch.autograd.grad(total, xs)
-                with torch.no_grad():
-                    right = logits.argmax(-1) == y
-                    ens_right = logits.softmax(-1).mean(0).argmax(-1) == y
-                    cos = pairwise_cosines(grads).clamp(-1.0, 1.0)
-                    angle = torch.rad2deg(torch.acos(cos)).mean(1)
-                    score = feature_discrimination(torch.stack([p.features for p in parts], 1))
-                correct.append(right)
-                angles.append(angle[ens_right])
-                scores.append(score[ens_right])
+        out = diversity_diagnostics(list(net.members), test, device)
         net.train(was_training)
-        if not correct:
-            return {"n": 0}
-        right_all = torch.cat(correct, 1)
-        ang = torch.cat(angles)
-        sc = torch.cat(scores)
-        sc = sc[~torch.isnan(sc)]
-
-        def stat(v: torch.Tensor, f: str) -> float | None:
-            return float(getattr(v, f)()) if v.numel() else None
-
-        return {
-            "entropy_diversity_E": float(entropy_diversity(right_all)),
-            "n": int(right_all.shape[1]),
-            "grad_angle_deg_mean": stat(ang, "mean"), "grad_angle_deg_median": stat(ang, "median"),
-            "feature_discrimination_mean": stat(sc, "mean"),
-            "feature_discrimination_median": stat(sc, "median"),
-            "n_ensemble_correct": int(ang.numel()), "n_feature_discrimination": int(sc.numel()),
-            "variant": self.hp.variant,  # type: ignore[attr-defined]
-            "M": self.M,
-            "members": k,
-        }
+        return {**out, "variant": self.hp.variant, "M": self.M}  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ from ensemble_core.methods.base import StepContext, TrainNet
 from ensemble_core.methods.pdd import (
     default_intervals,
     deg_penalty,
+    diversity_diagnostics,
     entropy_diversity,
     feature_discrimination,
     pairwise_cosines,
@@ -416,7 +417,25 @@ def test_results_identical_members_have_no_diversity() -> None:
     assert r["entropy_diversity_E"] == 0.0 and r["n"] == 300
     assert r["n_ensemble_correct"] > 0 and r["n_feature_discrimination"] > 0  # untrained: ~10% right
     assert r["feature_discrimination_mean"] == pytest.approx(0.0, abs=1e-9)
-    assert r["grad_angle_deg_mean"] < 0.5
+    assert r["n_grad_angle"] == r["n_ensemble_correct"] and r["grad_angle_deg_mean"] < 0.5
+    assert r["grad_zero_frac"] == 0.0
+
+
+def test_diagnostics_leave_out_exactly_zero_gradients() -> None:
+    """A saturated float32 softmax gives an input gradient of exactly 0: no angle, counted in grad_zero_frac."""
+    two = synthetic_dataset(80, seed=3, num_classes=2)
+    test = two.subset(torch.nonzero(two.labels == 0).flatten())  # member 3 is right and saturated on all
+    members = linear_members([(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)])
+    with torch.no_grad():  # member 3 saturates: logits [1e4·(x0 + x1), 0] with x in [0, 1]
+        members[2].classifier.weight.copy_(torch.tensor([[1e4, 1e4], [0.0, 0.0]]))
+        members[2].classifier.bias.copy_(torch.tensor([50.0, 0.0]))
+    r = diversity_diagnostics(members, test, "cpu")
+    assert r["grad_zero_frac"] == pytest.approx(1 / 3)  # every image, member 3 only
+    x = test.images.float() / 255
+    with torch.no_grad():
+        ens_right = torch.stack([m(x).softmax(1) for m in members]).mean(0).argmax(1) == test.labels
+    assert r["n_grad_angle"] == int(ens_right.sum()) > 0
+    assert r["grad_angle_deg_mean"] == pytest.approx(90.0, abs=1e-3)  # only the pair (1, 2): d = (1,0) ⊥ (0,1)
 
 
 def test_results_match_an_independent_count() -> None:
