@@ -21,13 +21,18 @@ FORMAT = "robust-ensembles/checkpoint-v1"
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` atomically (temporary file + rename), so a crash never leaves half a file."""
+    """Write a checkpoint ``state`` atomically (see :func:`atomic_save`)."""
+    return atomic_save(state, path)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
     os.close(fd)
     try:
-        torch.save(state, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -629,18 +629,9 @@ def transfer_cache_key(surrogate_fingerprint: str, a: AttackSpec, eps: float, lo
 
 
 def _atomic_save(t: torch.Tensor, path: Path) -> None:
-    import os
-    import tempfile
+    from ensemble_core.checkpoint import atomic_save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(t, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_save(t, path)
 
 
 def shard_bounds(plan: EvalPlan, batch_range: tuple[int, int] | None) -> tuple[int, int]:
