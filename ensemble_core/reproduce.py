@@ -326,7 +326,9 @@ def render(args: argparse.Namespace, method: str, target_res: dict[str, Any], ba
     mach = target_res["machine"]
     tt = ", ".join(f"{k} {v:.0f} s" for k, v in train_times.items() if v is not None)
     lines += ["**Reproduce**", "", "```", command, "```", "",
-              f"Wall time of this run: {wall_s / 60:.1f} min" + (f" (training: {tt})" if tt else "")
+              f"Wall time of this invocation: {wall_s / 60:.1f} min" + (f" (training: {tt})" if tt else "")
+              + "; evaluation compute, summed over resumed runs: "
+              + ", ".join(f"{name} {sum(res.get('timings_s', {}).values()) / 60:.0f} min" for name, res in rows)
               + f"; machine: {mach['cpus']} CPU cores ({mach['processor']}), torch {mach['torch']} with "
               f"{args.threads} thread(s), torchattacks {mach['torchattacks']}, "
               + ("a CUDA GPU." if mach["cuda"] else "no GPU (shared with other jobs; wall times are indicative)."),

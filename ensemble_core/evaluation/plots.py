@@ -33,9 +33,12 @@ def plot_accuracy_vs_eps(result: dict[str, Any], threats: tuple[str, ...], norm:
             if not pts:
                 continue
             worst = attack.startswith("worst case")
+            with_transfer = "transfer" in attack
+            # worst-case lines underneath (wide, translucent), the attacks on top
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], _line_style(model),
-                    marker="o" if not worst else "s",
-                    color="black" if worst else colours[ai % len(colours)], linewidth=2.5 if worst else 1.5,
+                    marker="D" if with_transfer else "s" if worst else "o",
+                    color=("dimgrey" if with_transfer else "black") if worst else colours[ai % len(colours)],
+                    linewidth=4 if worst else 1.5, alpha=0.45 if worst else 1.0, zorder=1 if worst else 3,
                     label=f"{model}: {attack}")
             bad = [p for p in pts if p[2]]
             if bad:
