@@ -101,6 +101,7 @@ def test_render_reports_every_part(tmp_path: Path) -> None:
     assert "| baseline |" in md and "| method |" in md
     assert "FGSM ε=0.1" in md and "PGD-10 ε=0.25" in md  # attack × eps columns
     assert "among the images the model classifies correctly clean" in md
-    assert "`--quick`" in md and "python -m x" in md and "Wall time of this run: 1.0 min" in md
+    assert "`--quick`" in md and "python -m x" in md and "Wall time of this invocation: 1.0 min" in md
+    assert "evaluation compute, summed over resumed runs: baseline " in md and ", method " in md
     assert "Automatic flags" in md and "checks run" in md
     assert "higher in" in md  # the plain comparison sentence

@@ -1,0 +1,43 @@
+"""``reproduce`` end to end on real MNIST at the ``--quick`` budget: the baseline and a method, the second
+run reusing the shared baseline, surrogates and transfer examples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ensemble_core import reproduce
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_reproduce_quick_baseline_then_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    common = ["--quick", "--runs-dir", str(runs), "--wb-examples", "60", "--transfer-examples", "120"]
+    assert reproduce.main(["baseline", *common, "--out", str(tmp_path / "baseline.md")]) == 0
+    [shared] = list(runs.iterdir())
+    cache = sorted(p.name for p in (shared / "transfer-cache").rglob("*.pt"))
+    # 4 attacks × 4 eps × 2 losses × 2 surrogates, one batch of 120 images each
+    assert len(cache) == 64
+    for d in ("baseline-m3", "surrogate-m3-s1", "surrogate-m5-s2"):
+        assert (shared / d / "ensemble.pt").exists()
+    capsys.readouterr()
+
+    assert reproduce.main(["pdd", *common, "--out", str(tmp_path / "pdd.md")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing") >= 4  # baseline, both surrogates, the baseline's evaluation
+    assert sorted(p.name for p in (shared / "transfer-cache").rglob("*.pt")) == cache  # no example re-crafted
+    md = (tmp_path / "pdd.md").read_text()
+    assert "Reproduction: `pdd` on MNIST" in md and "| baseline |" in md and "| pdd |" in md
+    assert "`--quick`" in md and "python -m ensemble_core.reproduce pdd --quick" in md
+    [js] = list((shared / "methods").glob("pdd-m3-*/reproduction-*.json"))
+    data = json.loads(js.read_text())
+    assert data["method"] == "pdd" and data["target"]["models"]["target"]["method"] == "pdd"
+    assert data["baseline"]["models"]["target"]["method"] == "baseline"
+    tr = [r for r in data["target"]["records"] if r["threat"] == "transfer"]
+    assert len(tr) == 16 and all(r["n_examples"] == 120 for r in tr)
+    assert {c["surrogate"] for c in tr[0]["components"]} == {"baseline-3 (seed 1)", "baseline-5 (seed 2)"}
+    wb = [r for r in data["target"]["records"] if r["attack"] == "pgd-10x2"]
+    assert [r["eps"] for r in wb] == [0.1, 0.2, 0.3] and all(r["n_examples"] == 60 for r in wb)
