@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-APT_PACKAGES := postgresql dataset-fashion-mnist docker-compose
+APT_PACKAGES := postgresql dataset-fashion-mnist docker-compose chromium
 PYTEST_ARGS ?=
 
 .PHONY: install test test-unit demo bench lint compose-check clean

@@ -20,6 +20,11 @@ MAX_MEMBERS = 16
 MAX_EPOCHS = 1000
 MAX_BATCH = 8192
 MAX_WORKERS = 64
+MAX_EXAMPLES = 1_000_000  # train_subset: larger than every supported training split
+MAX_TRIALS = 1024  # a search's trials: num_samples x the grid's combinations
+MAX_SEARCH_KEYS = 32
+MAX_SEARCH_VALUES = 256
+SEARCH_BOUND = 1e12  # |low|, |high| of a search domain
 
 
 class StrictModel(BaseModel):
@@ -34,14 +39,15 @@ class OptimizerSpec(StrictModel):
     weight_decay: float = Field(0.0, ge=0, le=1)
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
     nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
 
 
 class ScheduleSpec(StrictModel):
     name: Literal["constant", "multistep", "cosine"] = "constant"
-    milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, description="epochs (multistep)")
+    milestones: list[Annotated[int, Field(ge=1, le=MAX_EPOCHS)]] = Field(default_factory=list, max_length=64,
+                                                                         description="epochs (multistep)")
     gamma: float = Field(0.1, gt=0, le=1, description="multistep factor")
-    warmup_epochs: int = Field(0, ge=0)
+    warmup_epochs: int = Field(0, ge=0, le=MAX_EPOCHS)
 
     @field_validator("milestones")
     @classmethod
@@ -66,7 +72,7 @@ class TrainSpec(StrictModel):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     hyperparameters: dict[str, Any] = Field(default_factory=dict, validate_default=True,
                                             description="validated by the method's schema; defaults filled in")
-    train_subset: int | None = Field(None, ge=1, description="train on a seeded subset of this size")
+    train_subset: int | None = Field(None, ge=1, le=MAX_EXAMPLES, description="train on a seeded subset of this size")
     val_size: int = Field(0, ge=0, le=50_000, description="held out from the training split for validation")
     augment: bool | None = Field(None, description="crop+flip augmentation; default: on for CIFAR, off for MNIST")
     combine: str | None = Field(None, description="inference rule; default: the method's")
@@ -123,7 +129,8 @@ class TrainSpec(StrictModel):
         model = hyperparameter_model(method)
         # Errors raised here carry their own locations (e.g. hyperparameters.zeta). The context lets a
         # method fill data-set-dependent defaults into the resolved spec (e.g. CLDL's γ, α).
-        context = {"dataset": info.data.get("dataset"), "architecture": info.data.get("architecture")}
+        context = {"dataset": info.data.get("dataset"), "architecture": info.data.get("architecture"),
+                   "epochs": info.data.get("epochs")}
         return model.model_validate(v, context=context).model_dump(mode="json")
 
     @model_validator(mode="after")
@@ -162,7 +169,8 @@ class AttackSpec(StrictModel):
     norm: Literal["Linf", "L2"] | None = Field(
         None, description="threat model of square / autoattack (default Linf); the other attacks' norm is fixed")
     losses: list[Literal["ce", "cw"]] | None = Field(
-        None, min_length=1, description="several losses: per-example worst case over all of them (overrides loss)")
+        None, min_length=1, max_length=4,
+        description="several losses: per-example worst case over all of them (overrides loss)")
     version: Literal["standard", "plus", "rand"] = Field("standard", description="AutoAttack version")
     label: str | None = Field(None, min_length=1, max_length=64,
                               description="name shown in tables (default: derived from name, loss and steps)")
@@ -247,9 +255,9 @@ class EvaluateSpec(StrictModel):
 
 class SearchDomain(StrictModel):
     type: Literal["choice", "grid", "uniform", "loguniform", "randint"]
-    values: list[Any] | None = None
-    low: float | None = None
-    high: float | None = None
+    values: list[Any] | None = Field(None, max_length=MAX_SEARCH_VALUES)
+    low: float | None = Field(None, ge=-SEARCH_BOUND, le=SEARCH_BOUND, allow_inf_nan=False)
+    high: float | None = Field(None, ge=-SEARCH_BOUND, le=SEARCH_BOUND, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _shape(self) -> SearchDomain:
@@ -316,7 +324,7 @@ class TuneSpec(StrictModel):
     """
 
     base: dict[str, Any] = Field(description="a train spec; searched keys override it")
-    search_space: dict[str, SearchDomain]
+    search_space: dict[str, SearchDomain] = Field(max_length=MAX_SEARCH_KEYS)
     num_samples: int = Field(4, ge=1, le=256)
     scheduler: Literal["asha", "pbt", "fifo"] = "asha"
     search_alg: Literal["random", "grid"] = "random"
@@ -331,8 +339,9 @@ class TuneSpec(StrictModel):
                                                               "metric is measured on them")
     robust: RobustMetricSpec | None = Field(
         None, description="per-epoch PGD on the validation subset, reported as val_robust_acc")
-    objective: dict[str, float] | None = Field(
-        None, description="weights of reported metrics; each trial also reports their sum as 'objective'")
+    objective: dict[str, Annotated[float, Field(ge=-1e6, le=1e6)]] | None = Field(
+        None, max_length=16,
+        description="weights of reported metrics; each trial also reports their sum as 'objective'")
     perturbation_interval: int = Field(1, ge=1, le=1000, description="PBT: epochs between explore steps")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the random search")
 
@@ -419,6 +428,13 @@ class TuneSpec(StrictModel):
             if not_grid:
                 raise ValueError(f"search_alg: 'grid' needs choice or grid values, but {not_grid[0]!r} is "
                                  f"{self.search_space[not_grid[0]].type}")
+        trials = 1 if self.search_alg == "grid" else self.num_samples  # as workers.ray_tune runs it
+        for dom in self.search_space.values():  # every grid combination runs num_samples times
+            if dom.type == "grid" or (self.search_alg == "grid" and dom.type == "choice"):
+                trials *= len(dom.values or [])
+        if trials > MAX_TRIALS:
+            raise ValueError(f"num_samples: the search would run {trials} trials (num_samples x the grid's "
+                             f"combinations), more than {MAX_TRIALS}")
         size = TRAIN_SPLIT_SIZES.get(self.base["dataset"])
         if size is not None and self.val_size >= size:
             raise ValueError(f"val_size: {self.val_size} must be smaller than the {self.base['dataset']} "

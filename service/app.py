@@ -4,6 +4,9 @@ Jobs live in PostgreSQL (:mod:`service.queue`); workers (``robust-ensembles work
 them. Logs and metrics are rows in Postgres, so they are readable here from any machine; artifacts
 are files under ``<artifacts root>/<job id>/`` (a directory shared with the workers).
 
+With ``Settings.auth`` on, every ``/v1`` route needs a bearer API token and each job is visible to
+its owner (and admins) only (:mod:`service.auth`); request bodies are limited (:mod:`service.limits`).
+
 The module imports no torch: the first request that validates a method's hyperparameters (or lists
 methods) loads the method modules; a background thread warms them right after start-up.
 """
@@ -21,24 +24,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sqlalchemy import Engine, text
 
 from service import schemas
+from service.auth import Principal, TokenStore, job_owner, make_auth_dependency, principal_of, server_path_errors
 from service.db import make_engine
+from service.limits import BodySizeLimit, check_storable
 from service.models import JOB_STATUSES, TERMINAL_STATUSES
 from service.queue import IdempotencyConflict, InvalidTransition, JobNotFound, Queue
 from service.routes_tune import register_tune_routes
+from service.routes_ui import router as ui_router
 from service.settings import Settings
-from service.submission import SpecError, error_item, resolve_references, validate_spec
+from service.submission import JOB_REFERENCES, SpecError, error_item, resolve_references, validate_spec
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "0.1.0"
 MAX_IDEMPOTENCY_KEY = 255
+MAX_OFFSET = 1_000_000_000
+MAX_LOG_ID = 2**62
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
 
@@ -119,6 +127,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if warm:
             threading.Thread(target=_warm_methods, name="warm-methods", daemon=True).start()
+        if settings.auth:
+            _warn_without_tokens(engine)
         yield
         engine.dispose()
 
@@ -129,10 +139,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
         description="Jobs are submitted here, queued in PostgreSQL and run by workers with Ray Train. "
         "Job states: queued, running, succeeded, failed, cancelling, cancelled.",
         lifespan=lifespan,
+        # authentication of /v1 and tenancy of every route with a job_id (service.auth)
+        dependencies=[Depends(make_auth_dependency(settings.auth, engine))],
     )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
     app.state.queue = queue
     app.state.settings = settings
     register_tune_routes(app, queue)
+    app.include_router(ui_router)  # the dashboard at /ui/ (static files; its JS calls /v1)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -153,6 +167,22 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
         return JSONResponse(status_code=404, content={"detail": f"no job with id {exc}"})
 
     responses_422: dict[int | str, dict[str, Any]] = {422: {"model": schemas.ValidationErrorResponse}}
+
+    def check_references(principal: Principal, resolved: dict[str, Any]) -> None:
+        """An evaluation may only name train jobs its principal can see (others read as missing)."""
+        if principal.is_admin:
+            return
+        errors = []
+        for field in JOB_REFERENCES:
+            try:
+                ref = uuid.UUID(str(resolved.get(field)))
+            except ValueError:
+                continue
+            exists, owner = job_owner(engine, ref)
+            if exists and not principal.can_see(owner):
+                errors.append(error_item(["spec", field], f"no job with id {ref}"))
+        if errors:
+            raise SpecError(errors)
     responses_404: dict[int | str, dict[str, Any]] = {404: {"model": schemas.ErrorResponse}}
 
     # ------------------------------------------------------------------ health
@@ -194,6 +224,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
     )
     def submit_job(
         body: schemas.JobCreate,
+        request: Request,
         response: Response,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     ) -> dict[str, Any]:
@@ -208,7 +239,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
             raise SpecError(
                 [error_item(["header", "Idempotency-Key"], f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")]
             )
+        principal = principal_of(request)
+        check_storable(body.spec, ["spec"])
+        if idempotency_key is not None:
+            check_storable(idempotency_key, ["header", "Idempotency-Key"])
+        path_errors = server_path_errors(principal, body.kind, body.spec, ["spec"])
+        if path_errors:
+            raise SpecError(path_errors)
         resolved = validate_spec(body.kind, body.spec)
+        check_references(principal, resolved)
         deps = resolve_references(queue, body.kind, resolved)
         try:
             job, created = queue.submit(
@@ -218,9 +257,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
                 max_attempts=body.max_attempts,
                 idempotency_key=idempotency_key,
                 depends_on=deps,
+                owner=principal.owner,
             )
         except IdempotencyConflict as e:
+            if job_owner(engine, e.job_id)[1] != principal.owner:  # another owner's key: name no job
+                raise HTTPException(status_code=409, detail="Idempotency-Key already used") from None
             raise HTTPException(status_code=409, detail=str(e)) from None
+        if not created and job.get("owner") != principal.owner:
+            raise HTTPException(status_code=409, detail="Idempotency-Key already used")
         response.headers["Location"] = f"/v1/jobs/{job['id']}"
         if not created:
             response.headers["Idempotent-Replayed"] = "true"
@@ -228,13 +272,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
 
     @app.get("/v1/jobs", response_model=schemas.JobList, tags=["jobs"], responses=responses_422)
     def list_jobs(
+        request: Request,
         status: Annotated[list[str] | None, Query(description="repeat or comma-separate")] = None,
         kind: Annotated[list[str] | None, Query(description="repeat or comma-separate")] = None,
         parent_id: uuid.UUID | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> dict[str, Any]:
-        """Jobs, newest first. Trials (children of tune jobs) are listed with ``parent_id`` or ``kind=trial``."""
+        """Jobs, newest first. Trials (children of tune jobs) are listed with ``parent_id`` or ``kind=trial``.
+        A user token lists its owner's jobs only; an admin token every job."""
         statuses, kinds = _split_csv(status), _split_csv(kind)
         bad = [s for s in statuses if s not in JOB_STATUSES]
         if bad:
@@ -262,6 +308,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
             limit=limit,
             offset=offset,
             include_result=parent_id is not None,
+            owner=principal_of(request).list_filter,
         )
         return {"items": [_public(j) for j in items], "total": total, "limit": limit, "offset": offset}
 
@@ -301,7 +348,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
     def job_trials(
         job_id: uuid.UUID,
         limit: Annotated[int, Query(ge=1, le=500)] = 500,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> dict[str, Any]:
         """The trials of a tune job (child jobs of kind ``trial``, with their latest metrics in ``result``)."""
         queue.get(job_id)
@@ -311,8 +358,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
     @app.get(
         "/v1/jobs/{job_id}/metrics", response_model=schemas.Metrics, tags=["results"], responses=responses_404
     )
-    def job_metrics(job_id: uuid.UUID, name: str | None = None) -> dict[str, Any]:
+    def job_metrics(
+        job_id: uuid.UUID, name: Annotated[str | None, Query(max_length=200)] = None
+    ) -> dict[str, Any]:
         """Time series points ``(name, step, value)``; for train jobs one point per metric per epoch."""
+        if name is not None:
+            check_storable(name, ["query", "name"])
         queue.get(job_id)
         points = queue.metrics(job_id, name)
         return {"job_id": job_id, "names": sorted({p["name"] for p in points}), "items": points}
@@ -332,7 +383,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
     async def job_logs(
         request: Request,
         job_id: uuid.UUID,
-        after: Annotated[int, Query(ge=0, description="return lines with id > after")] = 0,
+        after: Annotated[int, Query(ge=0, le=MAX_LOG_ID, description="return lines with id > after")] = 0,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
         follow: Annotated[
             bool, Query(description="stream as server-sent events until the job finishes")
@@ -347,7 +398,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
             items = await run_in_threadpool(queue.logs, job_id, after=after, limit=limit)
             return {"job_id": job_id, "items": items, "next_after": items[-1]["id"] if items else after}
         start = after
-        if last_event_id and last_event_id.isdigit():
+        if last_event_id and last_event_id.isascii() and last_event_id.isdigit() and len(last_event_id) < 19:
             start = max(start, int(last_event_id))
         return StreamingResponse(
             _follow_logs(request, queue, job_id, start),
@@ -415,6 +466,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
         return describe_method(name)
 
     return app
+
+
+def _warn_without_tokens(engine: Engine) -> None:
+    try:
+        if TokenStore(engine).count_active() == 0:
+            log.warning("authentication is on and no API token exists: create one with "
+                        "`robust-ensembles token create --owner NAME` (or set RE_AUTH=0 for local use)")
+    except Exception as e:  # not migrated yet: /readyz says so
+        log.warning("could not count API tokens: %s", e)
 
 
 async def _follow_logs(request: Request, queue: Queue, job_id: uuid.UUID, after: int) -> AsyncIterator[str]:

@@ -1,11 +1,13 @@
 """``robust-ensembles``: run the service, and talk to it.
 
-Service:   up | demo | serve | worker | db upgrade/downgrade/current
+Service:   up | demo | serve | worker | db upgrade/downgrade/current | token create/list/revoke
 Client:    submit | status | watch | logs | metrics | results | artifacts | cancel | methods
 Library:   train-local | reproduce
 
 The client commands talk to the REST API at ``--api`` (default ``$RE_API_URL`` or
-http://127.0.0.1:8000). The service commands keep their state in ``--data-dir`` (default
+http://127.0.0.1:8000) with the API token ``--token`` (default ``$RE_API_TOKEN``; ``serve`` requires
+one unless ``RE_AUTH=0``, the local ``up`` / ``demo`` do not unless ``RE_AUTH=1``). The service
+commands keep their state in ``--data-dir`` (default
 ``$RE_DATA_DIR`` or ``~/.robust-ensembles``) and use ``DATABASE_URL`` when it is set, otherwise an
 embedded PostgreSQL in ``<data-dir>/pg``.
 """
@@ -40,8 +42,8 @@ def _setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    s = load_settings(getattr(args, "data_dir", None), getattr(args, "database_url", None))
+def _settings(args: argparse.Namespace, *, auth_default: bool = False) -> Settings:
+    s = load_settings(getattr(args, "data_dir", None), getattr(args, "database_url", None), auth_default=auth_default)
     if getattr(args, "lease_seconds", None):
         s = s.with_(lease_seconds=float(args.lease_seconds))
     return s
@@ -71,7 +73,7 @@ class _Database:
 def _client(args: argparse.Namespace) -> Any:
     from service.client import Client
 
-    return Client(args.api)
+    return Client(args.api, token=getattr(args, "token", None))
 
 
 def _print_json(obj: Any) -> None:
@@ -179,7 +181,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.app import create_app
 
     _setup_logging(args.verbose)
-    settings = _settings(args)
+    settings = _settings(args, auth_default=True)  # a served API requires tokens unless RE_AUTH=0
+    log.info("API authentication %s", "on (bearer tokens)" if settings.auth else "OFF (RE_AUTH=0)")
     with _Database(settings) as url:
         app = create_app(settings.with_(database_url=url))
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
@@ -223,6 +226,60 @@ def cmd_db(args: argparse.Namespace) -> int:
         elif args.db_command == "downgrade":
             migrate.downgrade(url, args.revision)
         print(f"database schema at revision {migrate.current_revision(url)} (head {migrate.head_revision()})")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """API tokens: create (the secret is printed once, only its hash is stored), list, revoke."""
+    from service import migrate
+    from service.auth import TokenStore
+    from service.db import make_engine
+
+    _setup_logging(args.verbose)
+    settings = _settings(args)
+    with _Database(settings) as url:
+        current, head = migrate.current_revision(url), migrate.head_revision()
+        if current != head:
+            print(f"error: database schema at {current}, expected {head}: run `robust-ensembles db upgrade` first",
+                  file=sys.stderr)
+            return 2
+        engine = make_engine(url, pool_size=1, max_overflow=0)
+        try:
+            store = TokenStore(engine)
+            if args.token_command == "create":
+                try:
+                    token, rec = store.create(args.owner, admin=args.admin, name=args.name)
+                except ValueError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+                if args.json:
+                    _print_json({**rec, "token": token})
+                else:
+                    print(token)
+                    print(f"token {rec['id']} for owner {rec['owner']!r} (scope {rec['scope']}). Store it now: only "
+                          f"its hash is kept. Use it with `export RE_API_TOKEN=<token>` or --token.", file=sys.stderr)
+            elif args.token_command == "list":
+                rows = store.list(include_revoked=args.all)
+                if args.json:
+                    _print_json(rows)
+                for r in [] if args.json else rows:
+                    state = f"revoked {_fmt_time(r['revoked_at'])}" if r["revoked_at"] else "active"
+                    print(f"{r['id']}  {r['prefix']}...  {r['owner']:<16} {r['scope']:<5}  created "
+                          f"{_fmt_time(r['created_at'])}  last used {_fmt_time(r['last_used_at'])}  {state}"
+                          + (f"  ({r['name']})" if r["name"] else ""))
+            else:
+                try:
+                    revoked = store.revoke(args.token_id)
+                except ValueError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+                if not revoked:
+                    print(f"error: no active token {args.token_id!r}", file=sys.stderr)
+                    return 1
+                for r in revoked:
+                    print(f"revoked token {r['id']} ({r['prefix']}..., owner {r['owner']})")
+        finally:
+            engine.dispose()
     return 0
 
 
@@ -443,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     def client_parser(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--api", default=None, help="API base URL (default $RE_API_URL or http://127.0.0.1:8000)")
+        sp.add_argument("--token", default=None, help="API token (default $RE_API_TOKEN)")
         return sp
 
     sp = service_parser("up", "embedded Postgres + migrations + local Ray + API + one worker, until Ctrl-C")
@@ -483,6 +541,20 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("revision")
     dbsub.add_parser("current", help="print the current revision", parents=[common])
     sp.set_defaults(func=cmd_db)
+
+    sp = service_parser("token", "API tokens of the service (stored hashed in its database)", with_common=False)
+    toksub = sp.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    tc = toksub.add_parser("create", help="create a token (printed once)", parents=[common])
+    tc.add_argument("--owner", required=True, help="the tenant the token acts for (its jobs)")
+    tc.add_argument("--admin", action="store_true", help="admin scope: sees every owner's jobs")
+    tc.add_argument("--name", default=None, help="a label shown by `token list`")
+    tc.add_argument("--json", action="store_true")
+    tl = toksub.add_parser("list", help="tokens (never their secrets)", parents=[common])
+    tl.add_argument("--all", action="store_true", help="include revoked tokens")
+    tl.add_argument("--json", action="store_true")
+    tr = toksub.add_parser("revoke", help="revoke a token by id or prefix", parents=[common])
+    tr.add_argument("token_id", help="the token's id, or at least 6 characters of its prefix (re_...)")
+    sp.set_defaults(func=cmd_token)
 
     sp = client_parser("submit", "submit a job")
     sp.add_argument("kind", choices=["train", "evaluate", "tune"])

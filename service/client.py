@@ -1,7 +1,7 @@
 """A small Python client of the REST API (used by the CLI; handy in notebooks too).
 
     from service.client import Client
-    c = Client("http://127.0.0.1:8000")
+    c = Client("http://127.0.0.1:8000")          # token: $RE_API_TOKEN, or Client(url, token="re_...")
     job = c.submit("train", {"method": "baseline", "members": 3, "epochs": 2})
     c.wait(job["id"])
     c.download(job["id"], "ensemble.pt", "ensemble.pt")
@@ -39,9 +39,14 @@ def format_detail(detail: Any) -> str:
 
 
 class Client:
-    def __init__(self, base_url: str | None = None, *, timeout: float = 30.0) -> None:
+    """The API at ``base_url`` (default ``$RE_API_URL``), authenticated with ``token`` (default
+    ``$RE_API_TOKEN``; none needed when the service runs with authentication off)."""
+
+    def __init__(self, base_url: str | None = None, *, token: str | None = None, timeout: float = 30.0) -> None:
         self.base_url = (base_url or os.environ.get("RE_API_URL") or DEFAULT_API).rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        token = token or os.environ.get("RE_API_TOKEN") or None
+        headers = {"Authorization": f"Bearer {token.strip()}"} if token else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self.http.close()
@@ -136,6 +141,23 @@ class Client:
                     f.write(chunk)
         tmp.replace(dest)
         return dest
+
+    def train_best(self, job_id: str, overrides: dict[str, Any] | None = None, *, priority: int = 0,
+                   max_attempts: int | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+        """``POST /v1/jobs/{id}/train-best``: queue a train job from a succeeded tune job's best configuration."""
+        body: dict[str, Any] = {"overrides": overrides or {}, "priority": priority}
+        if max_attempts is not None:
+            body["max_attempts"] = max_attempts
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/train-best", json=body, headers=headers)).json()
+
+    def health(self) -> dict[str, Any]:
+        """``GET /healthz``: the process is up (raises :class:`ApiError` otherwise)."""
+        return self._get("/healthz")
+
+    def dashboard_url(self, job_id: str | None = None) -> str:
+        """The web dashboard's address (the job list, or one job's page)."""
+        return f"{self.base_url}/ui/" + (f"#/jobs/{job_id}" if job_id else "")
 
     def methods(self) -> list[dict[str, Any]]:
         return self._get("/v1/methods")["items"]

@@ -54,7 +54,8 @@ def start_service(settings: Settings, port: int) -> tuple[subprocess.Popen[bytes
     cmd = [sys.executable, "-m", "service.cli", "up", "--port", str(port), "--data-dir", str(settings.data_dir)]
     if settings.database_url:
         cmd += ["--database-url", settings.database_url]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+           "RE_AUTH": "0"}  # the demo is the local single-user mode: its service listens on 127.0.0.1 only
     with open(log_path, "ab") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)

@@ -73,6 +73,7 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    owner: Mapped[str | None] = mapped_column(Text)  # migration 0002: the submitting token's owner
 
     __table_args__ = (
         CheckConstraint(f"status IN {JOB_STATUSES!r}", name="ck_jobs_status"),
@@ -98,6 +99,7 @@ class Job(Base):
         ),
         Index("ix_jobs_status_kind", "status", "kind"),
         Index("ix_jobs_parent_id", "parent_id", postgresql_where=text("parent_id IS NOT NULL")),
+        Index("ix_jobs_owner_seq", "owner", "seq"),
     )
 
 
@@ -141,3 +143,21 @@ class JobLog(Base):
     line: Mapped[str] = mapped_column(Text)
 
     __table_args__ = (Index("ix_job_logs_job_id", "job_id", "id"),)
+
+
+class ApiToken(Base):
+    """A bearer token of the API (migration 0002): only its SHA-256 hash is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    token_hash: Mapped[str] = mapped_column(Text, unique=True)
+    prefix: Mapped[str] = mapped_column(Text)
+    owner: Mapped[str] = mapped_column(Text, index=True)
+    scope: Mapped[str] = mapped_column(Text, server_default="user")
+    name: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (CheckConstraint("scope IN ('user', 'admin')", name="ck_api_tokens_scope"),)

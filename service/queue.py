@@ -27,7 +27,7 @@ from service.models import CLAIMABLE_KINDS, JOB_KINDS, JOB_STATUSES, TERMINAL_ST
 JOB_COLUMNS = """id, seq, kind, status, priority, spec, error, progress, stage, epoch, total_epochs, attempts,
     max_attempts, run_after, lease_owner, lease_expires_at, heartbeat_at, cancel_requested, idempotency_key,
     request_hash, depends_on, parent_id, created_at, updated_at, started_at, finished_at,
-    (result IS NOT NULL) AS has_result"""
+    (result IS NOT NULL) AS has_result, owner"""
 
 # Exponential backoff, in SQL: base * 2^(attempts-1) seconds, capped.
 BACKOFF = "make_interval(secs => LEAST(:backoff_base * power(2, GREATEST(attempts - 1, 0)), :backoff_max))"
@@ -37,9 +37,9 @@ FENCE = "id = :id AND lease_owner = :owner AND attempts = :attempt AND status IN
 
 SQL_SUBMIT = f"""
 INSERT INTO jobs (id, kind, status, spec, priority, max_attempts, idempotency_key, request_hash, depends_on,
-                  parent_id)
+                  parent_id, owner)
 VALUES (:id, :kind, :status, CAST(:spec AS jsonb), :priority, :max_attempts, :key, :hash, CAST(:deps AS uuid[]),
-        :parent)
+        :parent, :owner)
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING {JOB_COLUMNS}"""
 
@@ -226,9 +226,10 @@ class Queue:
     def submit(self, kind: str, spec: Mapping[str, Any], *, priority: int = 0, max_attempts: int | None = None,
                idempotency_key: str | None = None, depends_on: Iterable[uuid.UUID] = (),
                parent_id: uuid.UUID | None = None, job_id: uuid.UUID | None = None,
-               status: str = "queued") -> tuple[dict[str, Any], bool]:
+               status: str = "queued", owner: str | None = None) -> tuple[dict[str, Any], bool]:
         """Insert a job; returns ``(job, created)``. A replayed ``idempotency_key`` returns the first job
-        (:class:`IdempotencyConflict` when the replay's request differs)."""
+        (:class:`IdempotencyConflict` when the replay's request differs). ``owner``: the submitting
+        token's owner (None with authentication off; a child job inherits its parent's)."""
         if kind not in JOB_KINDS:
             raise ValueError(f"unknown job kind {kind!r}")
         if status not in JOB_STATUSES:
@@ -237,7 +238,7 @@ class Queue:
         params = {"id": job_id or uuid.uuid4(), "kind": kind, "status": status, "spec": to_json(dict(spec)),
                   "priority": priority, "max_attempts": max_attempts or self.default_max_attempts,
                   "key": idempotency_key, "hash": rhash, "deps": list(dict.fromkeys(depends_on)),
-                  "parent": parent_id}
+                  "parent": parent_id, "owner": owner}
         with self.engine.begin() as c:
             row = c.execute(text(SQL_SUBMIT), params).first()
             if row is not None:
@@ -263,10 +264,15 @@ class Queue:
         return row.result
 
     def list(self, *, status: Sequence[str] = (), kind: Sequence[str] = (), parent_id: uuid.UUID | None = None,
-             limit: int = 50, offset: int = 0, include_result: bool = False) -> tuple[list[dict[str, Any]], int]:
-        """Newest first. Without ``parent_id``, trials are left out unless ``kind`` asks for them."""
+             limit: int = 50, offset: int = 0, include_result: bool = False,
+             owner: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        """Newest first. Without ``parent_id``, trials are left out unless ``kind`` asks for them.
+        With ``owner``, only that owner's jobs (tenancy; None = every job)."""
         where: list[str] = []
         params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if owner is not None:
+            where.append("owner = :owner")
+            params["owner"] = owner
         if status:
             where.append("status = ANY(:status)")
             params["status"] = list(status)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, HTTPException, Response
+from fastapi import FastAPI, Header, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import schemas
+from service.auth import principal_of, server_path_errors
+from service.limits import check_storable
 from service.queue import IdempotencyConflict, Queue
 from service.submission import SpecError, validate_spec
 
@@ -63,6 +65,7 @@ def register_tune_routes(app: FastAPI, queue: Queue) -> None:
     )
     def train_from_best(
         job_id: uuid.UUID,
+        request: Request,
         response: Response,
         body: TrainFromBest | None = None,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
@@ -74,6 +77,13 @@ def register_tune_routes(app: FastAPI, queue: Queue) -> None:
         tune job; 422 naming ``overrides.<field>`` when the overrides make the spec invalid.
         """
         body = body or TrainFromBest()
+        principal = principal_of(request)  # the app's auth dependency already hid other owners' jobs (404)
+        check_storable(body.overrides, ["overrides"])
+        if idempotency_key is not None:
+            check_storable(idempotency_key, ["header", "Idempotency-Key"])
+        path_errors = server_path_errors(principal, "train", body.overrides, ["overrides"])
+        if path_errors:
+            raise SpecError(path_errors)
         job = queue.get(job_id)
         if job["kind"] != "tune":
             raise HTTPException(status_code=409,
@@ -97,9 +107,14 @@ def register_tune_routes(app: FastAPI, queue: Queue) -> None:
             raise
         try:
             new, created = queue.submit("train", resolved, priority=body.priority,
-                                        max_attempts=body.max_attempts, idempotency_key=idempotency_key)
+                                        max_attempts=body.max_attempts, idempotency_key=idempotency_key,
+                                        owner=principal.owner)
         except IdempotencyConflict as e:
+            if queue.get(e.job_id).get("owner") != principal.owner:  # another owner's key: name no job
+                raise HTTPException(status_code=409, detail="Idempotency-Key already used") from None
             raise HTTPException(status_code=409, detail=str(e)) from None
+        if not created and new.get("owner") != principal.owner:
+            raise HTTPException(status_code=409, detail="Idempotency-Key already used")
         response.headers["Location"] = f"/v1/jobs/{new['id']}"
         if not created:
             response.headers["Idempotent-Replayed"] = "true"

@@ -80,6 +80,7 @@ class Job(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     result: dict[str, Any] | None = Field(None, description="only in trial listings")
+    owner: str | None = Field(None, description="owner of the API token that submitted the job (none with auth off)")
 
 
 class JobList(BaseModel):

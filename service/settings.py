@@ -19,6 +19,18 @@ from pathlib import Path
 DEFAULT_DATA_DIR = "~/.robust-ensembles"
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name} must be 1/0 (true/false, on/off), got {raw!r}")
+
+
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -44,6 +56,10 @@ class Settings:
     retry_backoff_max_seconds: float = 600.0
     default_max_attempts: int = 3
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    # Bearer-token authentication of /v1 (service.auth). Off in this dataclass (library use, tests);
+    # load_settings reads RE_AUTH, whose default is on for `serve` and off for the local `up` / `demo`.
+    auth: bool = False
+    max_body_bytes: int = 1024 * 1024  # larger request bodies get 413 (RE_MAX_BODY_BYTES)
 
     @property
     def artifacts_root(self) -> Path:
@@ -61,9 +77,12 @@ class Settings:
 
 
 def load_settings(
-    data_dir: str | os.PathLike[str] | None = None, database_url: str | None = None
+    data_dir: str | os.PathLike[str] | None = None, database_url: str | None = None, *, auth_default: bool = False
 ) -> Settings:
-    """Settings from ``RE_*`` environment variables and ``DATABASE_URL``; explicit arguments win."""
+    """Settings from ``RE_*`` environment variables and ``DATABASE_URL``; explicit arguments win.
+
+    ``auth_default``: whether API tokens are required when ``RE_AUTH`` is not set (``serve``: yes;
+    the local ``up`` / ``demo``: no)."""
     d = Path(data_dir or os.environ.get("RE_DATA_DIR") or DEFAULT_DATA_DIR).expanduser().resolve()
     url = database_url or os.environ.get("DATABASE_URL") or None
     art = os.environ.get("RE_ARTIFACTS_DIR")
@@ -79,4 +98,6 @@ def load_settings(
         retry_backoff_seconds=_env_float("RE_RETRY_BACKOFF_SECONDS", 10.0),
         retry_backoff_max_seconds=_env_float("RE_RETRY_BACKOFF_MAX_SECONDS", 600.0),
         default_max_attempts=int(_env_float("RE_MAX_ATTEMPTS", 3)),
+        auth=_env_bool("RE_AUTH", auth_default),
+        max_body_bytes=int(_env_float("RE_MAX_BODY_BYTES", 1024 * 1024)),
     )

@@ -42,6 +42,7 @@ from service.models import CLAIMABLE_KINDS
 from service.queue import Lease, Queue
 from service.settings import Settings
 from workers.errors import JobCancelled, UserError
+from workers.tfevents import TENSORBOARD_DIR, EventFileWriter
 
 log = logging.getLogger("robust_ensembles.worker")
 
@@ -66,6 +67,7 @@ class JobRun:
     cancel_requested: bool = False
     lease_lost: bool = False
     _last_progress: float = field(default=0.0, repr=False)
+    _events: EventFileWriter | None = field(default=None, repr=False)
 
     @property
     def job_id(self) -> str:
@@ -101,6 +103,17 @@ class JobRun:
                                     total_epochs=total)
         except Exception as e:
             log.warning("could not store the metrics of job %s: %s", self.job_id, e)
+        self.write_tensorboard(step, metrics)
+
+    def write_tensorboard(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Append an epoch's numbers to this attempt's TensorBoard event file (artifact ``tensorboard/``)."""
+        try:
+            if self._events is None:
+                self._events = EventFileWriter(self.artifacts_dir / TENSORBOARD_DIR,
+                                               suffix=f".attempt{self.lease.attempt}")
+            self._events.add_scalars(step, {k: v for k, v in metrics.items() if k not in EPOCH_COORDINATES})
+        except Exception as e:  # the event file is a convenience: the metrics are in Postgres
+            log.warning("could not write the TensorBoard events of job %s: %s", self.job_id, e)
 
     def on_progress(self, fraction: float, stage: str) -> None:
         """Progress of an evaluate job (fraction 0..1 and what it is doing)."""

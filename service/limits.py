@@ -1,0 +1,126 @@
+"""Request limits of the API: body size (413) and values PostgreSQL cannot store (422).
+
+The numeric bounds of the specs themselves (members, epochs, batch size, eps, steps, restarts,
+examples, trials...) live in :mod:`ensemble_core.spec`, so the library enforces them too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from service.submission import SpecError, error_item
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MAX_BODY_BYTES = 1024 * 1024
+BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 before the app parses it.
+
+    A declared ``Content-Length`` over the limit is refused at once; a chunked body is read up to the
+    limit and refused as soon as it passes it (then replayed to the app when it fits).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                await self._reject(send, 400, "invalid Content-Length header")
+                return
+            if length > self.max_bytes:
+                await self._too_large(send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send) -> None:
+        await self._reject(send, 413, f"request body larger than {self.max_bytes} bytes")
+
+    @staticmethod
+    async def _reject(send: Send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+MAX_DEPTH = 32  # nesting of JSON objects/arrays in a spec
+
+
+def nul_errors(value: Any, loc: list[str | int]) -> list[dict[str, Any]]:
+    """422 items for strings (keys or values) holding a NUL character, which PostgreSQL cannot store,
+    and for values nested deeper than :data:`MAX_DEPTH`."""
+    out: list[dict[str, Any]] = []
+    stack: list[tuple[Any, list[str | int]]] = [(value, list(loc))]
+    while stack and len(out) < 20:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            if "\x00" in v:
+                out.append(error_item(where, "NUL characters are not allowed", "string_nul"))
+            continue
+        if not isinstance(v, dict | list | tuple):
+            continue
+        if len(where) - len(loc) >= MAX_DEPTH:
+            out.append(error_item(where, f"nested deeper than {MAX_DEPTH} levels", "too_deep"))
+            continue
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if isinstance(k, str) and "\x00" in k:
+                    out.append(error_item([*where, k.replace("\x00", "\\0")],
+                                          "NUL characters are not allowed in keys", "string_nul"))
+                else:
+                    stack.append((x, [*where, k]))
+        else:
+            stack.extend((x, [*where, i]) for i, x in enumerate(v))
+    return out
+
+
+def check_storable(value: Any, loc: list[str | int]) -> None:
+    """Raise :class:`SpecError` (422) when ``value`` holds strings PostgreSQL cannot store."""
+    errors = nul_errors(value, loc)
+    if errors:
+        raise SpecError(errors)
+
+
+__all__ = ["MAX_BODY_BYTES", "BodySizeLimit", "check_storable", "nul_errors"]
