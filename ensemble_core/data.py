@@ -305,15 +305,21 @@ def train_val_split(ds: TensorDataset, val_size: int, seed: int,
 # ---------------------------------------------------------------------------------- augmentation
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True,
+                  offset: int = 0, total: int | None = None) -> torch.Tensor:
     """Random crop with zero padding and random horizontal flip of a float batch, on its device.
 
     The random draws come from ``generator`` (on the CPU) so that a batch's augmentation depends only
-    on the seed, not on the device or the number of workers.
+    on the seed, not on the device or the number of workers. ``x`` may be rows ``offset .. offset + n``
+    of a batch of ``total`` rows: the draws are made for all ``total`` rows and only this slice's are
+    applied, so a rank augments just its share and still gets exactly the rows one process would.
     """
     n, c, h, w = x.shape
+    total = n if total is None else total
+    if offset < 0 or offset + n > total:
+        raise ValueError(f"rows {offset}..{offset + n} are not inside a batch of {total}")
     if pad:
-        shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).to(x.device)
+        shifts = torch.randint(0, 2 * pad + 1, (total, 2), generator=generator)[offset : offset + n].to(x.device)
         padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
         rows = torch.arange(h, device=x.device).view(1, h) + shifts[:, :1]  # (n, h)
         cols = torch.arange(w, device=x.device).view(1, w) + shifts[:, 1:]  # (n, w)
@@ -324,7 +330,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, fli
             cols.view(n, 1, 1, w),
         ]
     if flip:
-        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        mask = (torch.rand(total, generator=generator)[offset : offset + n] < 0.5).to(x.device)
         x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
     return x
 
@@ -376,12 +382,13 @@ class GlobalBatchLoader:
         share = self.batch_size // self.world_size
         lo, hi = self.rank * share, (self.rank + 1) * share
         for step in range(start_step, len(self)):
-            idx = perm[step * self.batch_size : (step + 1) * self.batch_size].to(self.device)
+            # only this rank's rows are gathered, converted and augmented (the draws cover the global batch)
+            idx = perm[step * self.batch_size + lo : step * self.batch_size + hi].to(self.device)
             x = to_float(self.images[idx])
             if self.augment:
                 aug_g = torch.Generator().manual_seed(self.seed * 7_919 + epoch * 100_003 + step)
-                x = augment_batch(x, aug_g, pad=self.pad, flip=self.flip)
-            yield Batch(x[lo:hi], self.labels[idx][lo:hi], step, self.batch_size, lo)
+                x = augment_batch(x, aug_g, pad=self.pad, flip=self.flip, offset=lo, total=self.batch_size)
+            yield Batch(x, self.labels[idx], step, self.batch_size, lo)
 
 
 def iterate_eval(ds: TensorDataset, batch_size: int, device: torch.device | str = "cpu"

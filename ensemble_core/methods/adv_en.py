@@ -23,7 +23,7 @@ from pydantic import Field
 from ensemble_core.attacks import crafting_mode, ensemble_log_probs, pgd_linf
 from ensemble_core.data import TensorDataset
 from ensemble_core.methods import register_method
-from ensemble_core.methods.base import LossOutput, Method, StepContext, TrainNet
+from ensemble_core.methods.base import LossOutput, Method, Stage, StepContext, TrainNet
 from ensemble_core.methods.cce import (
     AdversarialTrainingHyperparameters,
     adversarial_diagnostics,
@@ -102,6 +102,16 @@ class ADVEN(Method):
             terms["acc_en_adv"] = (lp_adv.argmax(-1) == y).float().mean()
             terms["eps"] = torch.tensor(eps, device=x.device)
         return LossOutput(loss, terms)
+
+    def step_cost(self, stage: Stage) -> dict[str, float]:
+        """k PGD steps on the ensemble (each an input gradient through every member), then a
+        forward+backward of every member on the clean and the adversarial batch; with
+        ``attack_label = pred`` one more no-grad forward per member (issue 13)."""
+        n = float(len(stage.train_members))
+        cost = {"input_grad": n * self.attack.steps, "fwd_bwd": 2 * n}
+        if self.attack.label == "pred":
+            cost["fwd"] = n
+        return cost
 
     def results(self, net: TrainNet, test: TensorDataset, device: torch.device) -> dict[str, Any]:
         """Resolved training attack, member transferability and the entropy detector (as for CCE)."""

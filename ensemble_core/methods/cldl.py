@@ -37,7 +37,7 @@ from torch import nn
 
 from ensemble_core.data import TensorDataset, iterate_eval
 from ensemble_core.methods import register_method
-from ensemble_core.methods.base import Hyperparameters, LossOutput, Method, StepContext, TrainNet
+from ensemble_core.methods.base import Hyperparameters, LossOutput, Method, Stage, StepContext, TrainNet
 
 # Headline (γ, α) per data set (spec §4: MNIST CLDL(3,4,4), F-MNIST (3,2,4), CIFAR-10 (4,2,4)); β = 4 always.
 DATASET_DEFAULTS: dict[str, tuple[float, float]] = {
@@ -392,6 +392,12 @@ class CLDL(Method):
         for i, k in enumerate(t.kl):
             terms[f"kl_{i}"] = k
         return LossOutput(total, terms)
+
+    def step_cost(self, stage: Stage) -> dict[str, float]:
+        """Per member: one double-backprop pass when β > 0 (ℓ_gd differentiates the input gradients), else
+        one forward+backward; the label confusion model is a small shared extra, not counted (issue 13)."""
+        n = float(len(stage.train_members))
+        return {"double": n} if self.hp.beta > 0 else {"fwd_bwd": n}
 
     # ----------------------------------------------------------------------------------- diagnostics
 

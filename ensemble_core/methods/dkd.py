@@ -324,6 +324,13 @@ class DKD(Method):
         named["dead"] = (s_lat[0].detach().flatten(1).abs().amax(1) == 0).float().mean()
         return LossOutput(loss, named)
 
+    def step_cost(self, stage: Stage) -> dict[str, float]:
+        """The student's forward+backward, plus one no-grad forward of each frozen predecessor (issue 13)."""
+        cost = {"fwd_bwd": float(len(stage.train_members))}
+        if stage.frozen_members:
+            cost["fwd"] = float(len(stage.frozen_members))
+        return cost
+
     def combine(self) -> str:
         base = "boosted_vote" if self.hp.include_main_in_vote else "boosted_vote_aux"
         return base if self.hp.top_n == 2 else f"{base}_top{self.hp.top_n}"

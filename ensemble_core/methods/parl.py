@@ -33,7 +33,7 @@ from torch import nn
 from ensemble_core.data import TensorDataset, iterate_eval
 from ensemble_core.ensemble import CombineRule, combine_rule, register_combine, vote_counts
 from ensemble_core.methods import register_method
-from ensemble_core.methods.base import Hyperparameters, LossOutput, Method, StepContext, TrainNet
+from ensemble_core.methods.base import Hyperparameters, LossOutput, Method, Stage, StepContext, TrainNet
 
 PAPER_K = 7  # "the first seven convolution layers" of ResNet-20 (spec §2.3)
 
@@ -311,6 +311,15 @@ class PARL(Method):
                                           **{f"ce_{i}": c for i, c in zip(ids, ces, strict=True)}}
         terms.update(self._cosine_terms(cos.detach(), ids))
         return LossOutput(loss, terms)
+
+    def step_cost(self, stage: Stage) -> dict[str, float]:
+        """Per member: one double-backprop pass (one forward serves CE and the K taps; the first input
+        gradient with ``create_graph`` and the backward through it). The other K−1 tap gradients run
+        through prefixes of the network only and are not counted, so this floor is a lower bound. With
+        γ2 = 0 (ENS_U) one forward+backward (issue 13)."""
+        n = float(len(stage.train_members))
+        hp: PARLHyperparameters = self.hp  # type: ignore[assignment]
+        return {"double": n} if hp.gamma2 > 0 and n >= 2 else {"fwd_bwd": n}
 
     @staticmethod
     def _cosine_terms(cos: torch.Tensor, ids: Sequence[int]) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from torch import nn
 
 from ensemble_core.data import TensorDataset, iterate_eval
 from ensemble_core.methods import register_method
-from ensemble_core.methods.base import Hyperparameters, LossOutput, Method, StepContext, TrainNet
+from ensemble_core.methods.base import Hyperparameters, LossOutput, Method, Stage, StepContext, TrainNet
 
 Variant = Literal["pdd_deg", "pdd", "deg", "baseline"]
 # Spec §5.2 suggests ε ≈ 1e-12 on the product of norms. Input gradients of confidently classified examples
@@ -321,6 +321,16 @@ class PDD(Method):
             if second_order:
                 loss = loss + hp.lam * l_g
         return LossOutput(loss, terms)
+
+    def step_cost(self, stage: Stage) -> dict[str, float]:
+        """Per member: one double-backprop pass under DEG with λ > 0 (forward, input gradient with
+        ``create_graph``, backward through both); with λ = 0 the logged DEG gradient is a first-order input
+        gradient beside the ordinary forward+backward; without DEG one forward+backward (issue 13)."""
+        k = float(len(stage.train_members))
+        if self.use_deg and k >= 2:
+            hp: PDDHyperparameters = self.hp  # type: ignore[assignment]
+            return {"double": k} if hp.lam > 0 else {"fwd_bwd": k, "input_grad": k}
+        return {"fwd_bwd": k}
 
     def results(self, net: TrainNet, test: TensorDataset, device: torch.device) -> dict[str, Any]:
         """Diversity diagnostics of spec §6.4 on the clean test subset (see :func:`diversity_diagnostics`)."""

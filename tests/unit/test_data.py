@@ -145,3 +145,13 @@ def test_ranks_together_see_exactly_the_global_batch() -> None:
 def test_loader_refuses_uneven_shares() -> None:
     with pytest.raises(ValueError, match="divisible"):
         GlobalBatchLoader(synthetic_dataset(64), 30, seed=0, world_size=4)
+
+
+def test_augmenting_a_slice_gives_the_rows_of_the_whole_batch() -> None:
+    x = torch.rand(12, 3, 32, 32)
+    whole = augment_batch(x, torch.Generator().manual_seed(7))
+    for lo, hi in ((0, 4), (4, 9), (9, 12)):
+        part = augment_batch(x[lo:hi], torch.Generator().manual_seed(7), offset=lo, total=12)
+        assert torch.equal(part, whole[lo:hi])
+    with pytest.raises(ValueError, match="not inside a batch of 12"):
+        augment_batch(x[:4], torch.Generator().manual_seed(7), offset=10, total=12)

@@ -1,0 +1,157 @@
+"""Service overhead: ``POST /v1/jobs`` to the first training step / a bare ``TorchTrainer.fit()`` to its
+first step, and the start-up share of a small job.
+
+Both sides train the same small spec with one Ray Train worker (1 CPU, 1 torch thread, the service's
+default) on a private local Ray. The service side is the real stack: the FastAPI app on an embedded
+PostgreSQL (as tests/conftest.py starts it), one ``Worker`` claiming the job and driving Ray Train;
+the client polls ``GET /v1/jobs/{id}`` every 50 ms. The bare side is a ``TorchTrainer`` whose loop
+calls the same ``train_ensemble``.
+
+"First step" is observed the same way on both sides, from the end of the first epoch: the time at
+which epoch 1 is seen (by the REST client; by the loop itself for the bare trainer) minus that epoch's
+own step time (``epoch_time_s``). What remains is the start-up before the first step plus the epoch's
+selection-subset evaluation (the same work on both sides) plus, for the service, its reporting path
+(checkpoint report, channel, database, polling) — which is part of the overhead being measured.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import embedded_postgres, header, private_ray, save, table
+
+SPEC: dict[str, Any] = {"method": "baseline", "dataset": "mnist", "architecture": "lenet5", "members": 3,
+                        "epochs": 2, "batch_size": 64, "train_subset": 1024, "val_size": 0, "eval_subset": 200,
+                        "workers": 1, "seed": 0}
+
+
+def startup_figures(t_first_epoch_s: float, first_epoch_steps_s: float, total_s: float) -> dict[str, float]:
+    """Time to the first step (the first epoch's end minus its steps) and its share of the whole job."""
+    if total_s <= 0 or t_first_epoch_s > total_s + 1e-9 or first_epoch_steps_s > t_first_epoch_s:
+        raise ValueError(f"inconsistent timings: first epoch at {t_first_epoch_s}, its steps {first_epoch_steps_s}, "
+                         f"total {total_s}")
+    to_first_step = t_first_epoch_s - first_epoch_steps_s
+    return {"to_first_step_s": to_first_step, "startup_share": to_first_step / total_s}
+
+
+def _bare_loop(config: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from ensemble_core.training import TrainHooks, train_ensemble
+
+    torch.set_num_threads(config["threads"])
+    seen: list[tuple[float, float]] = []  # (wall clock at the epoch's end, its step time)
+
+    def on_epoch_end(metrics: dict[str, Any], state: Any) -> None:
+        seen.append((time.time(), float(metrics["epoch_time_s"])))
+
+    train_ensemble(config["spec"], device=torch.device("cpu"), hooks=TrainHooks(on_epoch_end=on_epoch_end,
+                                                                                 log=lambda line: None))
+    return {"first_epoch_wall": seen[0][0], "first_epoch_steps_s": seen[0][1]}  # rank 0: result.return_value
+
+
+def bare(spec: dict[str, Any]) -> dict[str, Any]:
+    """A bare TorchTrainer.fit() of the same spec: wall times from just before the trainer is built."""
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from workers.ray_common import cpus_per_worker, torch_threads_for
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cpus = cpus_per_worker()
+    storage = tempfile.mkdtemp(prefix="re-bench-bare-")
+    t0 = time.time()
+    trainer = TorchTrainer(
+        _bare_loop, train_loop_config={"spec": spec, "threads": torch_threads_for(cpus)},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name="bench-bare", storage_path=storage))
+    try:
+        result = trainer.fit()
+        total = time.time() - t0
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+    if result.error is not None:
+        raise result.error
+    m = result.return_value
+    return {"path": "bare TorchTrainer.fit()", "first_epoch_seen_s": m["first_epoch_wall"] - t0,
+            "first_epoch_steps_s": m["first_epoch_steps_s"], "total_s": total,
+            **startup_figures(m["first_epoch_wall"] - t0, m["first_epoch_steps_s"], total)}
+
+
+def service(spec: dict[str, Any], url: str, data_dir: Path) -> dict[str, Any]:
+    """POST the job to the real API with a real worker; poll until epoch 1 is visible and until it ends."""
+    from fastapi.testclient import TestClient
+
+    from service import migrate
+    from service.app import create_app
+    from service.settings import Settings
+    from workers.worker import Worker
+
+    migrate.upgrade(url)
+    settings = Settings(data_dir=data_dir, database_url=url)
+    app = create_app(settings, warm=False)
+    worker = Worker(settings)
+    thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
+    thread.start()
+    try:
+        with TestClient(app) as client:
+            time.sleep(1.0)  # the worker is idle and listening, as in a running deployment
+            t0 = time.perf_counter()
+            r = client.post("/v1/jobs", json={"kind": "train", "spec": spec})
+            r.raise_for_status()
+            jid = r.json()["id"]
+            first = None
+            while True:
+                job = client.get(f"/v1/jobs/{jid}").json()
+                now = time.perf_counter() - t0
+                if first is None and (job.get("epoch") or 0) >= 1:
+                    first = now
+                if job["status"] in ("succeeded", "failed", "cancelled"):
+                    total = now
+                    break
+                if now > 900:
+                    raise TimeoutError(f"job {jid} not done after 900 s: {job}")
+                time.sleep(0.05)
+            if job["status"] != "succeeded":
+                raise RuntimeError(f"service job ended {job['status']}: {job.get('error')}")
+            items = client.get(f"/v1/jobs/{jid}/metrics", params={"name": "epoch_time_s"}).json()["items"]
+            steps_s = next(float(p["value"]) for p in items if int(p["step"]) == 1)
+    finally:
+        worker.stop()
+        thread.join(60)
+    assert first is not None
+    return {"path": "service POST /v1/jobs", "first_epoch_seen_s": first, "first_epoch_steps_s": steps_s,
+            "total_s": total, **startup_figures(first, steps_s, total)}
+
+
+def run(spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    load0 = os.getloadavg()[0]
+    spec = dict(spec or SPEC)
+    data_dir = Path(tempfile.mkdtemp(prefix="re-bench-svc-"))
+    try:
+        with private_ray(num_cpus=2), embedded_postgres() as url:
+            svc = service(spec, url, data_dir)
+            bare_row = bare(spec)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    ratio = svc["to_first_step_s"] / bare_row["to_first_step_s"]
+    print(header(f"service overhead: POST /v1/jobs -> first step vs bare TorchTrainer.fit() -> first step "
+                 f"({spec['members']} x {spec['architecture']}, {spec['epochs']} epochs of "
+                 f"{spec['train_subset'] // spec['batch_size']} steps, 1 Ray Train worker)", load0))
+    rows = [svc, bare_row]
+    print(table(rows, ["path", "first_epoch_seen_s", "first_epoch_steps_s", "to_first_step_s", "total_s",
+                       "startup_share"]))
+    print(f"time to first step, service / bare: {ratio:.3f}; start-up share of the small job: service "
+          f"{svc['startup_share']:.1%}, bare {bare_row['startup_share']:.1%}")
+    result = {"spec": spec, "rows": rows, "ratio_service_over_bare": ratio}
+    save("service-overhead", result, load0)
+    return result
