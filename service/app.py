@@ -29,6 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service import schemas
 from service.auth import Principal, TokenStore, job_owner, make_auth_dependency, principal_of, server_path_errors
@@ -166,6 +167,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
     async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
         return JSONResponse(status_code=404, content={"detail": f"no job with id {exc}"})
 
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # PostgreSQL is down or restarting: a temporary condition (the pool reconnects once it is back)
+        reason = str(getattr(exc, "orig", exc)).strip().split("\n", 1)[0] or type(exc).__name__
+        log.warning("database unavailable for %s %s: %s", request.method, request.url.path, reason)
+        return JSONResponse(status_code=503, headers={"Retry-After": "2"},
+                            content={"detail": "database unavailable; retry shortly"})
+
     responses_422: dict[int | str, dict[str, Any]] = {422: {"model": schemas.ValidationErrorResponse}}
 
     def check_references(principal: Principal, resolved: dict[str, Any]) -> None:
@@ -258,6 +268,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
                 idempotency_key=idempotency_key,
                 depends_on=deps,
                 owner=principal.owner,
+                deadline_seconds=body.deadline_seconds,
             )
         except IdempotencyConflict as e:
             if job_owner(engine, e.job_id)[1] != principal.owner:  # another owner's key: name no job

@@ -74,6 +74,7 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     owner: Mapped[str | None] = mapped_column(Text)  # migration 0002: the submitting token's owner
+    deadline_seconds: Mapped[float | None] = mapped_column(Double)  # migration 0003: per-job deadline
 
     __table_args__ = (
         CheckConstraint(f"status IN {JOB_STATUSES!r}", name="ck_jobs_status"),

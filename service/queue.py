@@ -27,7 +27,7 @@ from service.models import CLAIMABLE_KINDS, JOB_KINDS, JOB_STATUSES, TERMINAL_ST
 JOB_COLUMNS = """id, seq, kind, status, priority, spec, error, progress, stage, epoch, total_epochs, attempts,
     max_attempts, run_after, lease_owner, lease_expires_at, heartbeat_at, cancel_requested, idempotency_key,
     request_hash, depends_on, parent_id, created_at, updated_at, started_at, finished_at,
-    (result IS NOT NULL) AS has_result, owner"""
+    (result IS NOT NULL) AS has_result, owner, deadline_seconds"""
 
 # Exponential backoff, in SQL: base * 2^(attempts-1) seconds, capped.
 BACKOFF = "make_interval(secs => LEAST(:backoff_base * power(2, GREATEST(attempts - 1, 0)), :backoff_max))"
@@ -37,9 +37,9 @@ FENCE = "id = :id AND lease_owner = :owner AND attempts = :attempt AND status IN
 
 SQL_SUBMIT = f"""
 INSERT INTO jobs (id, kind, status, spec, priority, max_attempts, idempotency_key, request_hash, depends_on,
-                  parent_id, owner)
+                  parent_id, owner, deadline_seconds)
 VALUES (:id, :kind, :status, CAST(:spec AS jsonb), :priority, :max_attempts, :key, :hash, CAST(:deps AS uuid[]),
-        :parent, :owner)
+        :parent, :owner, :deadline)
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING {JOB_COLUMNS}"""
 
@@ -62,7 +62,10 @@ WITH next AS (
 UPDATE jobs SET status = 'running', attempts = jobs.attempts + 1, lease_owner = :owner,
        lease_expires_at = now() + make_interval(secs => :lease), heartbeat_at = now(), progress = 0
 FROM next WHERE jobs.id = next.id
-RETURNING jobs.id, jobs.kind, jobs.spec, jobs.attempts, jobs.max_attempts, jobs.depends_on"""
+RETURNING jobs.id, jobs.kind, jobs.spec, jobs.attempts, jobs.max_attempts, jobs.depends_on,
+    CASE WHEN jobs.deadline_seconds IS NOT NULL  -- (GREATEST would turn NULL, no deadline, into 0)
+         THEN GREATEST(jobs.deadline_seconds - EXTRACT(EPOCH FROM now() - jobs.started_at)::float8, 0) END
+    AS deadline_left"""
 
 SQL_HEARTBEAT = f"""
 UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :lease), heartbeat_at = now()
@@ -156,6 +159,7 @@ class Lease:
     spec: dict[str, Any]
     max_attempts: int
     depends_on: tuple[uuid.UUID, ...] = ()
+    deadline_left: float | None = None  # seconds left before the job's deadline (None: no deadline)
 
 
 @dataclass(frozen=True)
@@ -164,9 +168,12 @@ class Heartbeat:
     cancel_requested: bool
 
 
-def request_hash(kind: str, spec: Mapping[str, Any], priority: int, max_attempts: int | None) -> str:
-    payload = json.dumps({"kind": kind, "spec": spec, "priority": priority, "max_attempts": max_attempts},
-                         sort_keys=True, separators=(",", ":"))
+def request_hash(kind: str, spec: Mapping[str, Any], priority: int, max_attempts: int | None,
+                 deadline_seconds: float | None = None) -> str:
+    body: dict[str, Any] = {"kind": kind, "spec": spec, "priority": priority, "max_attempts": max_attempts}
+    if deadline_seconds is not None:  # (absent when unset: hashes of earlier requests stay valid)
+        body["deadline_seconds"] = deadline_seconds
+    payload = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -226,19 +233,22 @@ class Queue:
     def submit(self, kind: str, spec: Mapping[str, Any], *, priority: int = 0, max_attempts: int | None = None,
                idempotency_key: str | None = None, depends_on: Iterable[uuid.UUID] = (),
                parent_id: uuid.UUID | None = None, job_id: uuid.UUID | None = None,
-               status: str = "queued", owner: str | None = None) -> tuple[dict[str, Any], bool]:
+               status: str = "queued", owner: str | None = None,
+               deadline_seconds: float | None = None) -> tuple[dict[str, Any], bool]:
         """Insert a job; returns ``(job, created)``. A replayed ``idempotency_key`` returns the first job
         (:class:`IdempotencyConflict` when the replay's request differs). ``owner``: the submitting
-        token's owner (None with authentication off; a child job inherits its parent's)."""
+        token's owner (None with authentication off; a child job inherits its parent's).
+        ``deadline_seconds``: the job fails, not retried, when it has not finished that long after its
+        first start (the worker enforces it)."""
         if kind not in JOB_KINDS:
             raise ValueError(f"unknown job kind {kind!r}")
         if status not in JOB_STATUSES:
             raise ValueError(f"unknown job status {status!r}")
-        rhash = request_hash(kind, spec, priority, max_attempts) if idempotency_key else None
+        rhash = request_hash(kind, spec, priority, max_attempts, deadline_seconds) if idempotency_key else None
         params = {"id": job_id or uuid.uuid4(), "kind": kind, "status": status, "spec": to_json(dict(spec)),
                   "priority": priority, "max_attempts": max_attempts or self.default_max_attempts,
                   "key": idempotency_key, "hash": rhash, "deps": list(dict.fromkeys(depends_on)),
-                  "parent": parent_id, "owner": owner}
+                  "parent": parent_id, "owner": owner, "deadline": deadline_seconds}
         with self.engine.begin() as c:
             row = c.execute(text(SQL_SUBMIT), params).first()
             if row is not None:
@@ -321,7 +331,8 @@ class Queue:
         row = self._one(SQL_CLAIM, {"owner": owner, "kinds": list(kinds), "lease": self.lease_seconds})
         if row is None:
             return None
-        return Lease(row.id, owner, row.attempts, row.kind, row.spec, row.max_attempts, tuple(row.depends_on))
+        left = None if row.deadline_left is None else float(row.deadline_left)
+        return Lease(row.id, owner, row.attempts, row.kind, row.spec, row.max_attempts, tuple(row.depends_on), left)
 
     def heartbeat(self, lease: Lease) -> Heartbeat:
         """Extend the lease; says whether a cancel was requested, or that the lease was lost."""

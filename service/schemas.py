@@ -51,6 +51,11 @@ class JobCreate(BaseModel):
     max_attempts: int | None = Field(
         None, ge=1, le=100, description="retries of transient failures (default 3)"
     )
+    deadline_seconds: float | None = Field(
+        None, gt=0, le=30 * 86400,
+        description="the job fails (not retried) when it has not finished this many seconds after its first "
+        "start; retries and their waits count (default: no deadline)",
+    )
 
 
 class Job(BaseModel):
@@ -81,6 +86,7 @@ class Job(BaseModel):
     finished_at: datetime | None = None
     result: dict[str, Any] | None = Field(None, description="only in trial listings")
     owner: str | None = Field(None, description="owner of the API token that submitted the job (none with auth off)")
+    deadline_seconds: float | None = Field(None, description="seconds from its first start the job may take")
 
 
 class JobList(BaseModel):

@@ -33,9 +33,10 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.db import libpq_url, make_engine
 from service.models import CLAIMABLE_KINDS
@@ -66,6 +67,7 @@ class JobRun:
     worker_stopping: threading.Event
     cancel_requested: bool = False
     lease_lost: bool = False
+    deadline_at: float | None = None  # time.monotonic() value of the job's deadline (None: no deadline)
     _last_progress: float = field(default=0.0, repr=False)
     _events: EventFileWriter | None = field(default=None, repr=False)
 
@@ -77,8 +79,12 @@ class JobRun:
     def artifacts_dir(self) -> Path:
         return self.settings.job_artifacts_dir(self.job_id)
 
+    @property
+    def deadline_passed(self) -> bool:
+        return self.deadline_at is not None and time.monotonic() >= self.deadline_at
+
     def should_stop(self) -> bool:
-        return self.cancel_requested or self.lease_lost or self.worker_stopping.is_set()
+        return self.cancel_requested or self.lease_lost or self.worker_stopping.is_set() or self.deadline_passed
 
     def log(self, line: str) -> None:
         """A log line of the job: stored in Postgres (readable over REST) and echoed to the worker's log."""
@@ -134,6 +140,7 @@ class JobRun:
 
 
 Runner = Callable[[JobRun], dict[str, Any]]
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------ runners
@@ -307,7 +314,8 @@ class Worker:
     # -------------------------------------------------------------- one job
     def execute(self, lease: Lease) -> str:
         """Run one leased job to its final transition; returns what happened (a status, or ``lease_lost``)."""
-        run = JobRun(lease, self.queue, self.settings, self._stopping)
+        deadline_at = None if lease.deadline_left is None else time.monotonic() + lease.deadline_left
+        run = JobRun(lease, self.queue, self.settings, self._stopping, deadline_at=deadline_at)
         run.log(f"attempt {lease.attempt}/{lease.max_attempts} of {lease.kind} job started on worker "
                 f"{self.worker_id}")
         done = threading.Event()
@@ -343,6 +351,8 @@ class Worker:
         try:
             if runner is None:
                 raise UserError(f"this worker cannot run {lease.kind!r} jobs")
+            if run.deadline_passed:  # e.g. re-queued after its deadline: do not start it again
+                return self._stopped(run, "deadline exceeded before this attempt started")
             run.artifacts_dir.mkdir(parents=True, exist_ok=True)
             result = runner(run)
         except JobCancelled as e:
@@ -352,7 +362,7 @@ class Worker:
                 return "lease_lost"
             message = _trim(str(e) or type(e).__name__)
             run.log(f"failed (not retried): {message}")
-            self.queue.fail(lease, message)
+            self._final("fail", lambda: self.queue.fail(lease, message))
             return "failed"
         except Exception as e:
             if run.should_stop():  # the failure is most likely the stop itself (e.g. workers killed)
@@ -360,7 +370,7 @@ class Worker:
             message = _trim(f"{type(e).__name__}: {e}")
             for line in traceback.format_exception(e)[-12:]:
                 run.log(line.rstrip())
-            status = self.queue.retry_later(lease, message)
+            status = self._final("retry", lambda: self.queue.retry_later(lease, message))
             if status is None:
                 return "lease_lost"
             run.log(f"attempt {lease.attempt} failed: {message}; job is now {status}")
@@ -371,7 +381,7 @@ class Worker:
         if run.lease_lost:
             run.log("finished, but the lease was lost meanwhile: the result is left to the new attempt")
             return "lease_lost"
-        if not self.queue.succeed(lease, result):
+        if not self._final("succeed", lambda: self.queue.succeed(lease, result)):
             return "lease_lost"
         run.log("succeeded")
         return "succeeded"
@@ -379,13 +389,41 @@ class Worker:
     def _stopped(self, run: JobRun, detail: str) -> str:
         if run.lease_lost:
             return "lease_lost"
+        if run.deadline_passed and not run.cancel_requested and not self.stopping:
+            message = (f"deadline exceeded: the job did not finish within its deadline_seconds of its first start "
+                       f"(attempt {run.lease.attempt}); stopped, not retried")
+            run.log(message)
+            return "failed" if self._final("fail", lambda: self.queue.fail(run.lease, message)) else "lease_lost"
         if run.cancel_requested or not self.stopping:
             run.log(detail)
-            return "cancelled" if self.queue.mark_cancelled(run.lease, "cancelled by request") else "lease_lost"
+            cancelled = self._final("cancel", lambda: self.queue.mark_cancelled(run.lease, "cancelled by request"))
+            return "cancelled" if cancelled else "lease_lost"
         # the worker is shutting down: the job goes back to the queue and resumes from its checkpoint
         run.log("worker shutting down: job returned to the queue (this attempt is not counted)")
-        self.queue.release(run.lease, "worker shut down during the run; it resumes on the next attempt")
+        self._final("release", lambda: self.queue.release(
+            run.lease, "worker shut down during the run; it resumes on the next attempt"))
         return "released"
+
+    def _final(self, what: str, transition: Callable[[], T]) -> T:
+        """A job's final transition, retried while PostgreSQL is unreachable (e.g. being restarted).
+
+        Without this, a run that ends during a database restart would lose its outcome and be run again
+        after its lease expired. Meanwhile the heartbeat thread keeps the lease alive (once the database
+        answers), so no other worker takes the job; the statements are fenced, so a lease lost meanwhile
+        makes the transition a no-op. Gives up (re-raises) after ``lease_seconds``.
+        """
+        give_up = time.monotonic() + max(self.settings.lease_seconds, 5.0)
+        delay = 0.5
+        while True:
+            try:
+                return transition()
+            except (OperationalError, InterfaceError) as e:
+                if time.monotonic() + delay > give_up:
+                    raise
+                reason = str(getattr(e, "orig", e)).strip().split("\n", 1)[0]
+                log.warning("%s of a job: database unavailable (%s); retrying in %.1f s", what, reason, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
 
 def _trim(message: str) -> str:
