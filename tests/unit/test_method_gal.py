@@ -7,32 +7,17 @@ import math
 
 import pytest
 import torch
+from linear_members import LinearNet
 from pydantic import ValidationError
-from torch import nn
 
 from ensemble_core.data import synthetic_dataset
 from ensemble_core.methods import describe_methods, get_method
 from ensemble_core.methods.base import StepContext, TrainNet
 from ensemble_core.methods.gal import gal_coherence, member_input_gradients, pairwise_grad_cosines
-from ensemble_core.models import MemberNet, build_model
+from ensemble_core.models import build_model
 from ensemble_core.spec import TrainSpec
 
 torch.set_num_threads(1)
-
-
-class LinearNet(MemberNet):
-    """logits = W·x (x flattened), no bias: ∇_x CE = Wᵀ(softmax(Wx) − e_y) in closed form."""
-
-    def __init__(self, w: list[list[float]]) -> None:
-        super().__init__()
-        wt = torch.tensor(w)
-        self.classifier = nn.Linear(wt.shape[1], wt.shape[0], bias=False)
-        with torch.no_grad():
-            self.classifier.weight.copy_(wt)
-        self.feature_dim, self.num_classes = wt.shape[1], wt.shape[0]
-
-    def body(self, z: torch.Tensor) -> torch.Tensor:
-        return z.flatten(1)
 
 
 # At x = 0 every member predicts (1/2, 1/2); with y = 0, ∇_x CE_i = W_iᵀ(−½, ½) = ½·(row 1 − row 0):

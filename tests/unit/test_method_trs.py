@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from linear_members import LinearNet
 from pydantic import ValidationError
 from torch import nn
 
@@ -21,25 +22,10 @@ from ensemble_core.methods.trs import (
     smoothness_per_sample,
     smoothness_pgd,
 )
-from ensemble_core.models import MemberNet, build_model
+from ensemble_core.models import build_model
 from ensemble_core.spec import TrainSpec
 
 torch.set_num_threads(1)
-
-
-class LinearNet(MemberNet):
-    """logits = W·x (x flattened), no bias: ∇_x CE = Wᵀ(softmax(Wx) − e_y) in closed form."""
-
-    def __init__(self, w: list[list[float]]) -> None:
-        super().__init__()
-        wt = torch.tensor(w)
-        self.classifier = nn.Linear(wt.shape[1], wt.shape[0], bias=False)
-        with torch.no_grad():
-            self.classifier.weight.copy_(wt)
-        self.feature_dim, self.num_classes = wt.shape[1], wt.shape[0]
-
-    def body(self, z: torch.Tensor) -> torch.Tensor:
-        return z.flatten(1)
 
 
 # At x = 0, y = 0 the input gradients are ½(1, 0), ½(1, 1), ½(0, −1): cosines 1/√2, 0, −1/√2 and
