@@ -16,10 +16,23 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.common import embedded_postgres, header, percentile, save, table
+
+
+def _run_together(target: Callable[[int], None], n: int, barrier: threading.Barrier) -> float:
+    """Start ``n`` threads of ``target(i)``, release them together at ``barrier``; seconds until all end."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
 
 
 def claim_rate(queue: Any, jobs: int, claimers: int) -> dict[str, Any]:
@@ -34,14 +47,7 @@ def claim_rate(queue: Any, jobs: int, claimers: int) -> dict[str, Any]:
         while (lease := queue.claim(f"bench-{i}")) is not None:
             claimed[i].append(lease.job_id)
 
-    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(claimers)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
+    elapsed = _run_together(claimer, claimers, barrier)
     ids = [j for c in claimed for j in c]
     if len(ids) != jobs or len(set(ids)) != jobs:
         raise AssertionError(f"{len(ids)} claims of {len(set(ids))} distinct jobs, expected {jobs} each")
@@ -82,14 +88,7 @@ def get_latency(app: Any, job_ids: list[str], clients: int = 4, requests_per_cli
                 if r.status_code != 200:
                     errors.append(f"{r.status_code} {r.text[:100]}")
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
+    elapsed = _run_together(client, clients, barrier)
     server.should_exit = True
     thread.join(10)
     if errors:
