@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="mnist", choices=DATASETS)
     p.add_argument("--epochs", type=int, default=3, help="training epochs for every model (PROTOCOL: 20 MNIST, "
                                                         "30 Fashion-MNIST; default 3, reduced)")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="train every model on a seeded subset of this many training images (default: all 60k)")
     p.add_argument("--members", type=int, default=3, help="members of the method's target and the baseline target")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter override")
     p.add_argument("--quick", action="store_true", help="tiny budget for smoke tests (numbers not meaningful)")
@@ -120,6 +122,8 @@ def train_spec(args: argparse.Namespace, method: str, members: int, seed: int,
         "schedule": ({"name": "multistep", "milestones": milestones, "gamma": 0.1} if milestones
                      else {"name": "constant"}),
         "hyperparameters": hp or {}}
+    if getattr(args, "train_subset", None):
+        spec["train_subset"] = args.train_subset
     if args.quick:
         spec.update(train_subset=3000, epochs=min(args.epochs, 1), eval_subset=200,
                     schedule={"name": "constant"})
@@ -221,7 +225,9 @@ def render(args: argparse.Namespace, method: str, target_res: dict[str, Any], ba
     lines = [f"### Reproduction: `{method}` on {ds_name} (PROTOCOL.md, reduced CPU budget)", ""]
     budget = (f"**Budget.** `lenet5`, {args.members} members, "
               + ("a 3,000-image training subset, 1 epoch (`--quick`: a smoke test, numbers not meaningful)"
-                 if args.quick else f"the full 60k training set, **{epochs} epochs (reduced from PROTOCOL.md's "
+                 if args.quick else ("the full 60k training set" if not args.train_subset else
+                                     f"a seeded {args.train_subset:,}-image subset of the training set (reduced)")
+                 + f", **{epochs} epochs (reduced from PROTOCOL.md's "
                                     f"{full}** "
                                     "to fit the shared 2-core CPU machine; the baseline and the surrogates have the "
                                     "same reduced budget)")
@@ -338,6 +344,13 @@ def render(args: argparse.Namespace, method: str, target_res: dict[str, Any], ba
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: run one reproduction and print its markdown."""
+    print(run_reproduction(argv)["markdown"])
+    return 0
+
+
+def run_reproduction(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run one reproduction (arguments as on the command line); returns what it wrote as JSON, plus its markdown."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -402,16 +415,18 @@ def main(argv: list[str] | None = None) -> int:
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(md + "\n")
     out_json = target_dir / f"reproduction-{_eval_tag(args)}.json"
-    out_json.write_text(json.dumps({
+    payload = {
         "method": args.method, "dataset": args.dataset, "command": cmd, "budget": budget, "hyperparameters": hp,
         "members": args.members, "reduced_budget_note": f"{tspec.epochs} epochs instead of PROTOCOL.md's "
-                                                        f"{PROTOCOL_EPOCHS[args.dataset]}",
+                                                        f"{PROTOCOL_EPOCHS[args.dataset]}"
+                                                        + (f", a {args.train_subset}-image training subset"
+                                                           if args.train_subset else ""),
         "wall_time_s": wall, "train_time_s": train_times, "machine": target_res["machine"],
         "host": platform.node(), "target": target_res, "baseline": base_res,
-        "markdown_path": str(out_md)}, indent=1))
+        "markdown_path": str(out_md), "json_path": str(out_json)}
+    out_json.write_text(json.dumps(payload, indent=1))
     _log(f"wrote {out_md} and {out_json} ({wall / 60:.1f} min)")
-    print(md)
-    return 0
+    return payload | {"markdown": md}
 
 
 def _eval_tag(args: argparse.Namespace) -> str:

@@ -37,6 +37,7 @@ from service.db import make_engine
 from service.limits import BodySizeLimit, check_storable
 from service.models import JOB_STATUSES, TERMINAL_STATUSES
 from service.queue import IdempotencyConflict, InvalidTransition, JobNotFound, Queue
+from service.routes_leaderboard import router as leaderboard_router
 from service.routes_tune import register_tune_routes
 from service.routes_ui import router as ui_router
 from service.settings import Settings
@@ -122,6 +123,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
         backoff_base=settings.retry_backoff_seconds,
         backoff_max=settings.retry_backoff_max_seconds,
         default_max_attempts=settings.default_max_attempts,
+        max_infra_failures=settings.max_infra_failures,
     )
 
     @asynccontextmanager
@@ -147,6 +149,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
     app.state.queue = queue
     app.state.settings = settings
     register_tune_routes(app, queue)
+    app.include_router(leaderboard_router)  # GET /v1/leaderboard (a JSON document, no torch)
     app.include_router(ui_router)  # the dashboard at /ui/ (static files; its JS calls /v1)
 
     @app.exception_handler(RequestValidationError)

@@ -2,7 +2,7 @@
 
 Service:   up | demo | serve | worker | db upgrade/downgrade/current | token create/list/revoke
 Client:    submit | status | watch | logs | metrics | results | artifacts | cancel | methods
-Library:   train-local | reproduce
+Library:   train-local | reproduce | leaderboard
 
 The client commands talk to the REST API at ``--api`` (default ``$RE_API_URL`` or
 http://127.0.0.1:8000) with the API token ``--token`` (default ``$RE_API_TOKEN``; ``serve`` requires
@@ -117,7 +117,9 @@ def _fmt_time(value: Any) -> str:
 def _job_line(j: dict[str, Any]) -> str:
     epoch = f"{j['epoch']}/{j['total_epochs']}" if j.get("epoch") and j.get("total_epochs") else "-"
     return (f"{j['id']}  {j['kind']:<8} {j['status']:<10} {100 * j['progress']:5.1f}%  epoch {epoch:<7} "
-            f"attempts {j['attempts']}/{j['max_attempts']}  {_fmt_time(j['created_at'])}")
+            f"attempts {j['attempts'] - j.get('infra_failures', 0)}/{j['max_attempts']}"
+            + (f" (+{j['infra_failures']} infra)" if j.get("infra_failures") else "")
+            + f"  {_fmt_time(j['created_at'])}")
 
 
 def _install_stop_signals(stop: Any) -> None:
@@ -623,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     # handled in main() before parsing (all its arguments belong to ensemble_core.reproduce)
     sub.add_parser("reproduce", help="the reproduction protocol (ensemble_core.reproduce); arguments passed on",
                    add_help=False)
+    sub.add_parser("leaderboard", help="every method, one budget and protocol (ensemble_core.leaderboard); "
+                   "arguments passed on", add_help=False)
     return p
 
 
@@ -632,6 +636,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ensemble_core.reproduce import main as reproduce_main
 
         return int(reproduce_main(argv[1:]) or 0)
+    if argv and argv[0] == "leaderboard":  # likewise for ensemble_core.leaderboard
+        from ensemble_core.leaderboard import main as leaderboard_main
+
+        return int(leaderboard_main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     from service.client import ApiError

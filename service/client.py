@@ -151,6 +151,10 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._check(self.http.post(f"/v1/jobs/{job_id}/train-best", json=body, headers=headers)).json()
 
+    def leaderboard(self, dataset: str | None = None) -> dict[str, Any]:
+        """``GET /v1/leaderboard``: every method under one budget and attack protocol (optionally one data set)."""
+        return self._get("/v1/leaderboard", dataset=dataset)
+
     def health(self) -> dict[str, Any]:
         """``GET /healthz``: the process is up (raises :class:`ApiError` otherwise)."""
         return self._get("/healthz")

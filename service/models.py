@@ -75,6 +75,7 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     owner: Mapped[str | None] = mapped_column(Text)  # migration 0002: the submitting token's owner
     deadline_seconds: Mapped[float | None] = mapped_column(Double)  # migration 0003: per-job deadline
+    infra_failures: Mapped[int] = mapped_column(Integer, server_default="0")  # migration 0004
 
     __table_args__ = (
         CheckConstraint(f"status IN {JOB_STATUSES!r}", name="ck_jobs_status"),

@@ -27,10 +27,16 @@ from service.models import CLAIMABLE_KINDS, JOB_KINDS, JOB_STATUSES, TERMINAL_ST
 JOB_COLUMNS = """id, seq, kind, status, priority, spec, error, progress, stage, epoch, total_epochs, attempts,
     max_attempts, run_after, lease_owner, lease_expires_at, heartbeat_at, cancel_requested, idempotency_key,
     request_hash, depends_on, parent_id, created_at, updated_at, started_at, finished_at,
-    (result IS NOT NULL) AS has_result, owner, deadline_seconds"""
+    (result IS NOT NULL) AS has_result, owner, deadline_seconds, infra_failures"""
 
-# Exponential backoff, in SQL: base * 2^(attempts-1) seconds, capped.
-BACKOFF = "make_interval(secs => LEAST(:backoff_base * power(2, GREATEST(attempts - 1, 0)), :backoff_max))"
+# Exponential backoff, in SQL: base * 2^(n-1) seconds, capped; n counts the failures of one class.
+def _backoff(n: str) -> str:
+    return f"make_interval(secs => LEAST(:backoff_base * power(2, GREATEST({n} - 1, 0)), :backoff_max))"
+
+
+# Attempts charged to the job's retry budget: infrastructure failures (migration 0004) are not.
+CHARGED = "(attempts - infra_failures)"
+BACKOFF = _backoff(CHARGED)
 
 # Worker-side statements only touch the job while this worker's lease (owner + attempt) holds.
 FENCE = "id = :id AND lease_owner = :owner AND attempts = :attempt AND status IN ('running', 'cancelling')"
@@ -88,12 +94,30 @@ SQL_CANCELLED = f"UPDATE jobs SET status = 'cancelled', error = :error, lease_ex
 
 SQL_RETRY = f"""
 UPDATE jobs SET
-    status = CASE WHEN cancel_requested THEN 'cancelled' WHEN attempts >= max_attempts THEN 'failed'
+    status = CASE WHEN cancel_requested THEN 'cancelled' WHEN {CHARGED} >= max_attempts THEN 'failed'
              ELSE 'queued' END,
-    error = CASE WHEN attempts >= max_attempts AND NOT cancel_requested
-            THEN :error || ' (attempt ' || attempts || ' of ' || max_attempts || '; no attempts left)'
+    error = CASE WHEN {CHARGED} >= max_attempts AND NOT cancel_requested
+            THEN :error || ' (attempt ' || {CHARGED} || ' of ' || max_attempts || '; no attempts left)'
             ELSE :error END,
     lease_expires_at = NULL, run_after = now() + {BACKOFF}
+WHERE {FENCE}
+RETURNING status"""
+
+# An infrastructure failure: counted in infra_failures, not charged to max_attempts; capped by :max_infra.
+# (SET expressions read the row as it was before the UPDATE.)
+_INFRA_SET = f"""
+    infra_failures = infra_failures + 1,
+    status = CASE WHEN cancel_requested THEN 'cancelled' WHEN infra_failures + 1 >= :max_infra THEN 'failed'
+             ELSE 'queued' END,
+    error = {{cause}} || CASE WHEN cancel_requested THEN ''
+            WHEN infra_failures + 1 >= :max_infra
+            THEN ' (infrastructure failure ' || (infra_failures + 1) || ' of at most ' || :max_infra || '; none left)'
+            ELSE ' (infrastructure failure ' || (infra_failures + 1) || ' of at most ' || :max_infra
+                 || ', not charged to the job''s ' || max_attempts || ' attempts; retried after a backoff)' END,
+    lease_expires_at = NULL, run_after = now() + {_backoff("(infra_failures + 1)")}"""
+
+SQL_INFRA_RETRY = f"""
+UPDATE jobs SET {_INFRA_SET.format(cause=":error")}
 WHERE {FENCE}
 RETURNING status"""
 
@@ -105,12 +129,9 @@ WHERE {FENCE}
 RETURNING status"""
 
 SQL_SWEEP = f"""
-UPDATE jobs SET
-    status = CASE WHEN cancel_requested THEN 'cancelled' WHEN attempts >= max_attempts THEN 'failed'
-             ELSE 'queued' END,
-    error = 'lease expired: worker ' || COALESCE(lease_owner, '?') || ' stopped heartbeating during attempt '
-            || attempts || ' of ' || max_attempts,
-    lease_expires_at = NULL, run_after = now() + {BACKOFF}
+UPDATE jobs SET {_INFRA_SET.format(
+    cause="'lease expired: worker ' || COALESCE(lease_owner, '?') || ' stopped heartbeating during attempt ' "
+          "|| attempts")}
 WHERE status IN ('running', 'cancelling') AND lease_expires_at < now()
 RETURNING id, status"""
 
@@ -215,8 +236,11 @@ class Queue:
     """All SQL of the queue. Thread-safe: each call takes its own pooled connection."""
 
     def __init__(self, engine: Engine, *, lease_seconds: float = 30.0, backoff_base: float = 10.0,
-                 backoff_max: float = 600.0, default_max_attempts: int = 3) -> None:
+                 backoff_max: float = 600.0, default_max_attempts: int = 3, max_infra_failures: int = 10) -> None:
+        if max_infra_failures < 1:
+            raise ValueError(f"max_infra_failures must be at least 1, got {max_infra_failures}")
         self.engine = engine
+        self.max_infra_failures = max_infra_failures
         self.lease_seconds = lease_seconds
         self.backoff = {"backoff_base": backoff_base, "backoff_max": backoff_max}
         self.default_max_attempts = default_max_attempts
@@ -370,17 +394,29 @@ class Queue:
             self.fail_blocked_dependents()
         return None if row is None else str(row.status)
 
+    def retry_infra(self, lease: Lease, error: str) -> str | None:
+        """An infrastructure failure (Ray or the machine, not the job): back to ``queued`` after a backoff
+        that doubles per infrastructure failure, **without** spending one of the job's ``max_attempts``;
+        ``failed`` once the job has had ``max_infra_failures`` of them (so a permanently broken cluster cannot
+        retry a job forever). Returns the new status (None: lease lost)."""
+        row = self._one(SQL_INFRA_RETRY, self._fence(lease) | {"error": error, "max_infra": self.max_infra_failures}
+                        | self.backoff)
+        if row is not None and row.status != "queued":
+            self.fail_blocked_dependents()
+        return None if row is None else str(row.status)
+
     def release(self, lease: Lease, reason: str) -> bool:
         """Hand a job back without blame (its worker is shutting down): queued at once, attempt not counted."""
         return self._one(SQL_RELEASE, self._fence(lease) | {"reason": reason}) is not None
 
     def sweep_expired(self) -> list[tuple[uuid.UUID, str]]:
-        """Return jobs whose lease expired (worker died or hung) to the queue, with backoff, attempts kept.
+        """Return jobs whose lease expired (worker died or hung) to the queue: an infrastructure failure,
+        with its backoff, not charged to the job's ``max_attempts`` (see :meth:`retry_infra`).
 
-        A job that has used all its attempts fails; one with a pending cancel ends ``cancelled``.
+        A job that has had ``max_infra_failures`` of them fails; one with a pending cancel ends ``cancelled``.
         """
         with self.engine.begin() as c:
-            rows = c.execute(text(SQL_SWEEP), self.backoff).all()
+            rows = c.execute(text(SQL_SWEEP), self.backoff | {"max_infra": self.max_infra_failures}).all()
         if any(r.status != "queued" for r in rows):
             self.fail_blocked_dependents()
         return [(r.id, str(r.status)) for r in rows]

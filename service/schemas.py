@@ -68,8 +68,11 @@ class Job(BaseModel):
     stage: str | None = Field(None, description="current stage (train: stage name; evaluate: attack)")
     epoch: int | None = Field(None, description="current global epoch (train)")
     total_epochs: int | None = None
-    attempts: int
-    max_attempts: int
+    attempts: int = Field(description="times a worker claimed the job (including infrastructure failures)")
+    max_attempts: int = Field(description="attempts the job's own failures may use; infrastructure failures are "
+                              "not charged")
+    infra_failures: int = Field(0, description="attempts lost to the infrastructure (a worker died, its lease "
+                                "expired; Ray failed beyond its restarts): retried without spending max_attempts")
     error: str | None = None
     cancel_requested: bool
     depends_on: list[uuid.UUID]

@@ -55,6 +55,9 @@ class Settings:
     retry_backoff_seconds: float = 10.0  # first retry delay; doubles per attempt
     retry_backoff_max_seconds: float = 600.0
     default_max_attempts: int = 3
+    # infrastructure failures (lease expiry, InfrastructureError) a job may have; not charged to max_attempts
+    max_infra_failures: int = 10
+    leaderboard_path: Path | None = None  # GET /v1/leaderboard's document; default docs/results/leaderboard.json
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     # Bearer-token authentication of /v1 (service.auth). Off in this dataclass (library use, tests);
     # load_settings reads RE_AUTH, whose default is on for `serve` and off for the local `up` / `demo`.
@@ -98,6 +101,8 @@ def load_settings(
         retry_backoff_seconds=_env_float("RE_RETRY_BACKOFF_SECONDS", 10.0),
         retry_backoff_max_seconds=_env_float("RE_RETRY_BACKOFF_MAX_SECONDS", 600.0),
         default_max_attempts=int(_env_float("RE_MAX_ATTEMPTS", 3)),
+        max_infra_failures=int(_env_float("RE_MAX_INFRA_FAILURES", 10)),
+        leaderboard_path=Path(lb).expanduser().resolve() if (lb := os.environ.get("RE_LEADERBOARD_PATH")) else None,
         auth=_env_bool("RE_AUTH", auth_default),
         max_body_bytes=int(_env_float("RE_MAX_BODY_BYTES", 1024 * 1024)),
     )

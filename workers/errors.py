@@ -4,8 +4,10 @@ The worker decides what happens to a job from the class of the exception its run
 
 - ``JobCancelled``: the run stopped because ``should_stop()`` became true -> job ends ``cancelled``.
 - ``UserError``: the user's spec or data is wrong -> job ends ``failed``, never retried.
-- ``InfrastructureError``: the machine, Ray or storage failed -> retried (with backoff) up to ``max_attempts``.
-- anything else: treated as transient and retried like ``InfrastructureError``.
+- ``InfrastructureError``: the machine or Ray failed -> retried with its own backoff, not charged to the job's
+  ``max_attempts``, up to the queue's ``max_infra_failures`` (a worker that died is counted the same way when its
+  lease expires).
+- anything else: transient -> retried with backoff up to ``max_attempts``.
 """
 
 from __future__ import annotations

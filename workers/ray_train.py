@@ -265,7 +265,8 @@ def run_train_job(
             raise InfrastructureError(f"Ray Train failed: {type(error).__name__}: {error}") from error
         raise error
     if result is None or result.checkpoint is None or not (result.metrics or {}).get("final"):
-        raise InfrastructureError("the Ray Train run ended without its final checkpoint")
+        # not a known infrastructure failure: transient, charged to max_attempts (so it cannot loop for long)
+        raise RuntimeError("the Ray Train run ended without its final checkpoint")
 
     with result.checkpoint.as_directory() as d:
         state_path = Path(d) / STATE_FILE

@@ -477,7 +477,8 @@ def run_tune_job(
     best = pick_best(list(grid), ts.metric, ts.mode, total)
     if best is None:
         errors = [row["error"] for row in book.trials.values() if row["error"]]
-        raise InfrastructureError(f"no trial reported {ts.metric}" + (f": {errors[0]}" if errors else ""))
+        # the trials ran and failed (their own errors): a transient failure, charged to max_attempts
+        raise RuntimeError(f"no trial reported {ts.metric}" + (f": {errors[0]}" if errors else ""))
     best_id = str(best.metrics.get("trial_id"))
     best_config = {k: best.config[k] for k in ts.search_space if k in best.config}
     checkpoint_name = None

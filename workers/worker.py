@@ -14,8 +14,12 @@ heartbeat thread sets) and stops within seconds. The runners (``workers.ray_trai
 - :class:`~workers.errors.JobCancelled` -> ``cancelled`` (or, when this worker is shutting down, the
   job is handed back to the queue without counting the attempt, and resumes from its checkpoint);
 - :class:`~workers.errors.UserError` -> ``failed`` at once, never retried;
-- anything else (``InfrastructureError`` included) -> retried with exponential backoff until
-  ``max_attempts``; the same Ray Train run name (the job id) makes the next attempt resume.
+- :class:`~workers.errors.InfrastructureError` (and a lease that expired because the worker died) ->
+  retried with its own exponential backoff, **not** charged to ``max_attempts``, up to the queue's
+  ``max_infra_failures``;
+- anything else -> transient: retried with exponential backoff until ``max_attempts``.
+
+The same Ray Train run name (the job id) makes the next attempt resume from its last checkpoint.
 
 Nothing here imports torch or Ray at import time; the runners are imported when a job needs them.
 """
@@ -42,7 +46,7 @@ from service.db import libpq_url, make_engine
 from service.models import CLAIMABLE_KINDS
 from service.queue import Lease, Queue
 from service.settings import Settings
-from workers.errors import JobCancelled, UserError
+from workers.errors import InfrastructureError, JobCancelled, UserError
 from workers.tfevents import TENSORBOARD_DIR, EventFileWriter
 
 log = logging.getLogger("robust_ensembles.worker")
@@ -212,7 +216,8 @@ class Worker:
         self.queue = Queue(engine, lease_seconds=settings.lease_seconds,
                            backoff_base=settings.retry_backoff_seconds,
                            backoff_max=settings.retry_backoff_max_seconds,
-                           default_max_attempts=settings.default_max_attempts)
+                           default_max_attempts=settings.default_max_attempts,
+                           max_infra_failures=settings.max_infra_failures)
         self.worker_id = worker_id or new_worker_id()
         self.runners = dict(runners if runners is not None else DEFAULT_RUNNERS)
         self.kinds = tuple(k for k in kinds if k in self.runners)
@@ -370,7 +375,10 @@ class Worker:
             message = _trim(f"{type(e).__name__}: {e}")
             for line in traceback.format_exception(e)[-12:]:
                 run.log(line.rstrip())
-            status = self._final("retry", lambda: self.queue.retry_later(lease, message))
+            if isinstance(e, InfrastructureError):  # not the job's fault: not charged to its max_attempts
+                status = self._final("retry", lambda: self.queue.retry_infra(lease, message))
+            else:
+                status = self._final("retry", lambda: self.queue.retry_later(lease, message))
             if status is None:
                 return "lease_lost"
             run.log(f"attempt {lease.attempt} failed: {message}; job is now {status}")

@@ -400,7 +400,8 @@
       ['progress', progressBar(job.progress, true)],
       ['stage / epoch', where(job)],
       ['method', methodOf(job)],
-      ['attempts', `${job.attempts} of ${job.max_attempts}`],
+      ['attempts', `${job.attempts - (job.infra_failures || 0)} of ${job.max_attempts}` +
+        (job.infra_failures ? ` (+ ${job.infra_failures} lost to infrastructure, not charged)` : '')],
       ['created', fmtTime(job.created_at)],
       ['started', fmtTime(job.started_at)],
       ['finished', fmtTime(job.finished_at)],

@@ -355,3 +355,35 @@ def test_readyz_is_503_until_the_database_is_migrated(pg_url: str, tmp_path: Pat
         tables = c.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars().all()
     engine.dispose()
     assert set(tables) <= {"alembic_version"}
+
+
+def test_the_leaderboard_resource_serves_the_generated_document(pg_url: str, tmp_path: Path) -> None:
+    from ensemble_core import leaderboard as lb
+
+    migrate.upgrade(pg_url)
+    doc_path = tmp_path / "results" / "leaderboard.json"
+    settings = Settings(data_dir=tmp_path, database_url=pg_url, leaderboard_path=doc_path)
+    with TestClient(create_app(settings, warm=False)) as client:
+        r = client.get("/v1/leaderboard")
+        assert r.status_code == 404 and "robust-ensembles leaderboard" in r.json()["detail"]
+        # the generator's own output (a finished baseline cell and methods not run yet), served as it is
+        cell = lb._cell_path(tmp_path / "runs", "mnist", "baseline")
+        cell.parent.mkdir(parents=True)
+        cell.write_text(json.dumps({"method": "baseline", "status": "done", "clean_acc": 0.99, "transfer_mean": 0.5,
+                                    "transfer": [{"attack": "pgd-10 (ce+cw)", "eps": 0.1, "robust_acc": 0.5,
+                                                  "unreliable": False}], "white_box": []}))
+        doc_path.parent.mkdir()
+        doc_path.write_text(json.dumps(lb.collect(tmp_path / "runs", ["mnist", "fashion_mnist"],
+                                                  ["baseline", "pdd"], lb.BUDGET)))
+        body = client.get("/v1/leaderboard").json()
+        assert body["budget"]["train_subset"] == lb.BUDGET["train_subset"] and set(body["datasets"]) == {
+            "mnist", "fashion_mnist"}
+        rows = body["datasets"]["mnist"]["rows"]
+        assert [(x["method"], x["status"], x["rank"]) for x in rows] == [("baseline", "done", 1),
+                                                                         ("pdd", "not run", None)]
+        only = client.get("/v1/leaderboard", params={"dataset": "fashion_mnist"}).json()
+        assert list(only["datasets"]) == ["fashion_mnist"]
+        bad = client.get("/v1/leaderboard", params={"dataset": "cifar100"})
+        assert bad.status_code == 422 and "dataset" in bad.text
+        doc_path.write_text('{"format": "something else"}')
+        assert client.get("/v1/leaderboard").status_code == 404

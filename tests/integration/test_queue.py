@@ -105,7 +105,8 @@ def test_an_expired_lease_returns_the_job_to_the_queue_with_backoff_and_fences_t
     assert q.sweep_expired() == [(job["id"], "queued")]
     st = _status(engine, job["id"])
     assert st["status"] == "queued" and st["attempts"] == 1 and st["backing_off"]
-    assert "lease expired: worker worker-a stopped heartbeating during attempt 1 of 3" in st["error"]
+    assert st["error"] == ("lease expired: worker worker-a stopped heartbeating during attempt 1 (infrastructure "
+                           "failure 1 of at most 10, not charged to the job's 3 attempts; retried after a backoff)")
     assert q.claim("worker-b") is None  # backoff: not before run_after
     # the old holder has lost the job: its heartbeat says so and its writes are refused
     assert not q.heartbeat(old).ok
@@ -119,8 +120,9 @@ def test_an_expired_lease_returns_the_job_to_the_queue_with_backoff_and_fences_t
     assert _events(engine, job["id"]) == ["created", "started", "requeued", "started", "succeeded"]
 
 
-def test_expiry_after_the_last_attempt_fails_and_a_cancelling_job_ends_cancelled(engine: Engine) -> None:
-    q = Queue(engine, lease_seconds=0.3, backoff_base=0.0)
+def test_expiry_is_not_charged_to_max_attempts_but_is_capped_and_a_cancelling_job_ends_cancelled(
+        engine: Engine) -> None:
+    q = Queue(engine, lease_seconds=0.3, backoff_base=0.0, max_infra_failures=2)
     last, _ = q.submit("train", {"a": 1}, max_attempts=1)
     lease = q.claim("w")
     assert lease is not None
@@ -129,9 +131,45 @@ def test_expiry_after_the_last_attempt_fails_and_a_cancelling_job_ends_cancelled
     assert lease2 is not None
     q.cancel(doomed["id"])
     time.sleep(0.5)
-    assert sorted(s for _, s in q.sweep_expired()) == ["cancelled", "failed"]
-    assert _status(engine, last["id"])["status"] == "failed"
+    assert sorted(s for _, s in q.sweep_expired()) == ["cancelled", "queued"]  # max_attempts=1 is not spent
     assert _status(engine, doomed["id"])["status"] == "cancelled"
+    again = q.claim("w")
+    assert again is not None and again.job_id == last["id"] and again.attempt == 2
+    time.sleep(0.5)
+    assert q.sweep_expired() == [(last["id"], "failed")]  # the second infrastructure failure reaches the cap
+    st = _status(engine, last["id"])
+    assert st["attempts"] == 2 and st["error"] == ("lease expired: worker w stopped heartbeating during attempt 2 "
+                                                   "(infrastructure failure 2 of at most 2; none left)")
+    assert q.get(last["id"])["infra_failures"] == 2
+
+
+def test_infrastructure_failures_and_job_failures_have_separate_budgets_and_backoffs(engine: Engine) -> None:
+    q = Queue(engine, backoff_base=0.0, max_infra_failures=3)
+    job, _ = q.submit("train", {"a": 1}, max_attempts=1)
+    for n in (1, 2):  # two infrastructure failures: the single charged attempt stays unspent
+        lease = q.claim("w")
+        assert lease is not None and lease.attempt == n
+        assert q.retry_infra(lease, "InfrastructureError: Ray node lost") == "queued"
+        j = q.get(job["id"])
+        assert (j["attempts"], j["infra_failures"]) == (n, n)
+        assert j["error"] == (f"InfrastructureError: Ray node lost (infrastructure failure {n} of at most 3, not "
+                              "charged to the job's 1 attempts; retried after a backoff)")
+    lease = q.claim("w")
+    assert lease is not None and lease.attempt == 3
+    assert q.retry_later(lease, "ZeroDivisionError: division by zero") == "failed"  # its own error: charged
+    assert q.get(job["id"])["error"] == "ZeroDivisionError: division by zero (attempt 1 of 1; no attempts left)"
+    # each class backs off by its own count: the first infrastructure failure waits base * 2^0
+    q2 = Queue(engine, backoff_base=100.0)
+    j2, _ = q2.submit("train", {"b": 1})
+    lease = q2.claim("w")
+    assert lease is not None
+    q2.retry_infra(lease, "InfrastructureError: x")
+    with engine.connect() as c:
+        delay = c.execute(text("SELECT extract(epoch FROM run_after - now()) FROM jobs WHERE id = :id"),
+                          {"id": j2["id"]}).scalar_one()
+    assert 95 < float(delay) <= 100
+    with pytest.raises(ValueError, match="max_infra_failures"):
+        Queue(engine, max_infra_failures=0)
 
 
 def test_retries_back_off_and_stop_at_max_attempts(engine: Engine) -> None:
@@ -268,7 +306,7 @@ def test_worker_classifies_failures(engine: Engine, pg_url: str, tmp_path: Path)
 
     q = Queue(engine)
     user, _ = q.submit("train", {"mode": "user"})
-    infra, _ = q.submit("train", {"mode": "infra"})
+    infra, _ = q.submit("train", {"mode": "infra"}, max_attempts=1)  # the infrastructure failure is not charged
     bug, _ = q.submit("train", {"mode": "bug"}, max_attempts=2)
     w = _worker(pg_url, tmp_path, {"train": flaky})
     for _ in range(5):
@@ -276,6 +314,7 @@ def test_worker_classifies_failures(engine: Engine, pg_url: str, tmp_path: Path)
     assert q.get(user["id"])["status"] == "failed" and calls[str(user["id"])] == 1  # never retried
     assert q.get(user["id"])["error"] == "members: baseline needs at least 1 member"
     assert q.get(infra["id"])["status"] == "succeeded" and q.result(infra["id"]) == {"attempt": 2}
+    assert q.get(infra["id"])["infra_failures"] == 1
     b = q.get(bug["id"])
     assert b["status"] == "failed" and b["attempts"] == 2 and calls[str(bug["id"])] == 2
     assert b["error"].startswith("ZeroDivisionError: division by zero (attempt 2 of 2")

@@ -56,8 +56,8 @@ class Stack:
             self.worker.stop()
             self.thread.join(120)
 
-    def submit(self, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-        r = self.client.post("/v1/jobs", json={"kind": kind, "spec": spec})
+    def submit(self, kind: str, spec: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        r = self.client.post("/v1/jobs", json={"kind": kind, "spec": spec, **extra})
         assert r.status_code == 201, r.text
         return r.json()
 
@@ -192,7 +192,8 @@ def test_an_expired_lease_requeues_the_job_and_the_next_attempt_resumes_from_the
         stack: Stack, pg_url: str) -> None:
     import ray
 
-    job = stack.submit("train", {**TRAIN, "epochs": 3})
+    # max_attempts 1: the worker's death is an infrastructure failure and must not spend the only attempt
+    job = stack.submit("train", {**TRAIN, "epochs": 3}, max_attempts=1)
     jid = job["id"]
     # worker A: a separate process on the same Ray cluster and data directory, with a short lease
     env = {**os.environ, "RE_HEARTBEAT_SECONDS": "1", "RE_RETRY_BACKOFF_SECONDS": "1"}
@@ -216,7 +217,7 @@ def test_an_expired_lease_requeues_the_job_and_the_next_attempt_resumes_from_the
     stack.start_worker()
     final = stack.wait_done(jid)
     assert final["status"] == "succeeded", final
-    assert final["attempts"] == 2
+    assert final["attempts"] == 2 and final["infra_failures"] == 1  # the worker's death spent no retry
     events = stack.client.get(f"/v1/jobs/{jid}/events").json()
     assert [e["event"] for e in events] == ["created", "started", "requeued", "started", "succeeded"]
     assert "lease expired" in events[2]["detail"]
