@@ -51,6 +51,30 @@ def header(title: str, load_at_start: float) -> str:
             f"gpu {m['gpu']}, load average at start {m['load_avg_1m']:.2f}\n# {SHARED_NOTE}")
 
 
+def timeit_auto(fn: Callable[[], Any], min_reps: int = 5, budget_s: float = 1.5, max_reps: int = 60) -> float:
+    """Fastest of enough runs of ``fn`` to fill about ``budget_s`` seconds (at least ``min_reps``): a 50 ms step
+    gets ~30 chances to run undisturbed on a shared machine, a 2 s step the minimum."""
+    t0 = time.perf_counter()
+    fn()  # warm-up, and the estimate of one run
+    one = max(time.perf_counter() - t0, 1e-6)
+    return timeit(fn, reps=max(min_reps, min(max_reps, int(budget_s / one))), warmup=0)
+
+
+def timeit_pair(a: Callable[[], Any], b: Callable[[], Any], reps: int = 5, warmup: int = 1) -> tuple[float, float]:
+    """Fastest wall times of ``a`` and ``b``, their runs interleaved (a, b, a, b, ...), so that a change of the
+    machine's load during the measurement falls on both sides of the ratio instead of on one."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for _ in range(reps):
+        for fn, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return min(ta), min(tb)
+
+
 def timeit(fn: Callable[[], Any], reps: int = 10, warmup: int = 2, stat: str = "min") -> float:
     """Wall time of ``fn`` in seconds over ``reps`` runs after ``warmup`` runs: the fastest run (default) or
     the median. On a shared machine the fastest run is the least disturbed one, so it estimates the cost

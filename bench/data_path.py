@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.common import header, save, table, timeit
+from bench.common import header, save, table, timeit_pair
 from ensemble_core.data import DATASET_INFO, GlobalBatchLoader, load_dataset, synthetic_dataset
 from ensemble_core.models import build_model
 
@@ -45,8 +45,7 @@ def _epoch_ratio(ds: Any, arch: str, members: int, batch: int, augment: bool) ->
         for _ in range(steps):
             step(fixed_x, fixed_y)
 
-    t_epoch = timeit(epoch, reps=3, warmup=1)
-    t_compute = timeit(compute_only, reps=3, warmup=1)
+    t_epoch, t_compute = timeit_pair(epoch, compute_only, reps=5, warmup=1)
     return {"data": info.name, "images": len(ds), "augment": augment, "steps": steps, "epoch_s": t_epoch,
             "compute_s": t_compute, "ratio": t_epoch / t_compute}
 
@@ -60,8 +59,8 @@ def run(members: int = 3, batch: int = 128, n: int = 2560) -> dict[str, Any]:
     rows = [_epoch_ratio(mnist, "lenet5", members, batch, augment=False),
             _epoch_ratio(mnist, "lenet5", members, batch, augment=True),
             _epoch_ratio(cifar_like, "lenet5", members, batch, augment=True)]
-    print(header(f"data path: epoch wall time / pure compute time (lenet5 × {members}, batch {batch}, fastest of 3; "
-                 "target <= 1.05)", load0))
+    print(header(f"data path: epoch wall time / pure compute time (lenet5 × {members}, batch {batch}, fastest of 5, "
+                 "interleaved; target <= 1.05)", load0))
     print(table(rows, ["data", "images", "augment", "steps", "epoch_s", "compute_s", "ratio"]))
     result = {"rows": rows}
     save("data-path", result, load0)

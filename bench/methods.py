@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.common import header, save, table, timeit
+from bench.common import header, save, table, timeit_auto
 from ensemble_core.data import DATASET_INFO, load_dataset, to_float
 from ensemble_core.methods import get_method, method_names
 from ensemble_core.methods.base import Method, StepContext, TrainNet
@@ -73,7 +73,7 @@ def primitives(arch: str, x: torch.Tensor, y: torch.Tensor, reps: int) -> dict[s
         (loss + g.pow(2).sum()).backward()
 
     fns = {"fwd": fwd, "fwd_bwd": fwd_bwd, "input_grad": input_grad, "double": double}
-    return {name: timeit(fns[name], reps) for name in PRIMITIVES}
+    return {name: timeit_auto(fns[name], reps) for name in PRIMITIVES}
 
 
 def step_time(method_name: str, arch: str, members: int, x: torch.Tensor, y: torch.Tensor, reps: int,
@@ -110,9 +110,9 @@ def step_time(method_name: str, arch: str, members: int, x: torch.Tensor, y: tor
     def opt_only() -> None:
         opt.step()
 
-    t = timeit(step, reps)
+    t = timeit_auto(step, reps)
     own = type(method).step_cost is not Method.step_cost
-    return t, method.step_cost(stage), timeit(opt_only, reps), own
+    return t, method.step_cost(stage), timeit_auto(opt_only, reps), own
 
 
 def run(arch: str = "lenet5", members: int = 3, batch: int = 64, reps: int = 5,
@@ -138,7 +138,7 @@ def run(arch: str = "lenet5", members: int = 3, batch: int = 64, reps: int = 5,
               "primitives_ms": {k: 1000 * v for k, v in prim.items()}, "baseline_step_ms": 1000 * base_t,
               "target_x_floor": TARGET, "rows": rows}
     print(header(f"training step per method ({arch}, {members} members, batch {batch}, real MNIST, fastest of "
-                 f"{reps}; last stage for staged methods; target x_floor <= {TARGET})", load0))
+                 f"≥{reps} runs filling ~1.5 s; last stage for staged methods; target x_floor <= {TARGET})", load0))
     print("primitives per member (ms): " + ", ".join(f"{k} {1000 * v:.2f}" for k, v in prim.items()))
     print(table(rows, ["method", "step_ms", "x_baseline", "floor_ms", "x_floor", "met", "passes", "error"]))
     save(f"methods-{arch}", result, load0)

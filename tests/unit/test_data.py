@@ -155,3 +155,13 @@ def test_augmenting_a_slice_gives_the_rows_of_the_whole_batch() -> None:
         assert torch.equal(part, whole[lo:hi])
     with pytest.raises(ValueError, match="not inside a batch of 12"):
         augment_batch(x[:4], torch.Generator().manual_seed(7), offset=10, total=12)
+
+
+def test_a_crop_reads_the_window_its_drawn_shift_names() -> None:
+    """Row shift first, column shift second, as drawn: the same crops any earlier run of the seed got."""
+    x = torch.rand(6, 1, 28, 28)
+    out = augment_batch(x, torch.Generator().manual_seed(3), pad=2, flip=False)
+    shifts = torch.randint(0, 5, (6, 2), generator=torch.Generator().manual_seed(3))
+    p = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for k, (dy, dx) in enumerate(shifts.tolist()):
+        assert torch.equal(out[k], p[k, :, dy : dy + 28, dx : dx + 28])
