@@ -226,11 +226,11 @@ def train_ensemble(spec: TrainSpec | dict[str, Any], *, device: torch.device | s
             t0 = time.perf_counter()
             sums: dict[str, torch.Tensor] = {}
             steps = 0
+            epoch_seed = (spec.seed * 1_000_003 + stage_idx * 10_007 + epoch) * 100_003
             for batch in loader.epoch(stage_idx * 100_000 + epoch):
-                g = torch.Generator().manual_seed(
-                    (spec.seed * 1_000_003 + stage_idx * 10_007 + epoch) * 100_003 + batch.index)
+                g = torch.Generator().manual_seed(epoch_seed + batch.index)
                 ctx = StepContext(epoch, batch.index, stage_idx, rank, world_size, batch.global_size,
-                                  batch.offset, g, device)
+                                  batch.offset, g, device, epoch_seed=epoch_seed)
                 out = model(batch.x, batch.y, ctx)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()

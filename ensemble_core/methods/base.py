@@ -71,6 +71,9 @@ class StepContext:
     generator: torch.Generator
     device: torch.device
     training: bool = True
+    # the seed of this (run seed, stage, epoch), the same for every step and rank of the epoch (the step's
+    # ``generator`` is seeded with ``epoch_seed + step``); None when a caller builds a context by hand
+    epoch_seed: int | None = None
 
     def global_rand(self, local_size: int, *shape: int) -> torch.Tensor:
         """U[0,1) of shape ``(local_size, *shape)``: this rank's rows of one global-batch draw."""

@@ -117,12 +117,13 @@ def layer_output(member: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.
 def epoch_layer(ctx: StepContext, depth: int) -> int:
     """The distillation layer l ∈ 1..depth of the current epoch (DVERGE: ``random.randint(1, depth)``).
 
-    Drawn from a generator seeded by the step-0 seed of this (run seed, stage, epoch): the shared loop
-    seeds step s's generator with ``base(seed, stage, epoch) + s``, so ``initial_seed() − step`` is the
-    same for every step of an epoch and on every DDP rank, and a resumed run recomputes it. The value
-    is mixed with a constant so the draw is not the step-0 generator's own first number.
+    Drawn from a generator seeded by ``ctx.epoch_seed``, the seed of this (run seed, stage, epoch) that the
+    training loop sets: the same for every step of an epoch and on every DDP rank, and a resumed run
+    recomputes it. (A hand-built context without it falls back to ``initial_seed() − step``, the same
+    value under the loop's seeding of step s's generator with ``epoch_seed + s``.) The value is mixed
+    with a constant so the draw is not the step-0 generator's own first number.
     """
-    base = int(ctx.generator.initial_seed()) - int(ctx.step)
+    base = ctx.epoch_seed if ctx.epoch_seed is not None else int(ctx.generator.initial_seed()) - int(ctx.step)
     g = torch.Generator().manual_seed((base * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407) % 2**63)
     return int(torch.randint(1, depth + 1, (), generator=g))
 

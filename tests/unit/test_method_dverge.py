@@ -196,10 +196,18 @@ def test_targets_are_other_images_and_do_not_depend_on_the_worker_count() -> Non
     assert set(draws.tolist()) == set(range(1, g))  # every other offset occurs, never 0
 
 
-def _loop_ctx(seed: int, stage: int, epoch: int, step: int, rank: int = 0) -> StepContext:
-    """The step generator exactly as the shared training loop seeds it (training.py)."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + stage * 10_007 + epoch) * 100_003 + step)
-    return StepContext(epoch, step, stage, rank, 2, 16, 8 * rank, g, torch.device("cpu"))
+def _loop_ctx(seed: int, stage: int, epoch: int, step: int, rank: int = 0, with_epoch_seed: bool = True
+              ) -> StepContext:
+    """The step context exactly as the shared training loop builds it (training.py)."""
+    epoch_seed = (seed * 1_000_003 + stage * 10_007 + epoch) * 100_003
+    g = torch.Generator().manual_seed(epoch_seed + step)
+    return StepContext(epoch, step, stage, rank, 2, 16, 8 * rank, g, torch.device("cpu"),
+                       epoch_seed=epoch_seed if with_epoch_seed else None)
+
+
+def test_the_epoch_seed_and_the_fallback_name_the_same_layer() -> None:
+    for epoch in range(10):
+        assert epoch_layer(_loop_ctx(3, 1, epoch, 7), 5) == epoch_layer(_loop_ctx(3, 1, epoch, 7, 0, False), 5)
 
 
 def test_epoch_layer_is_fixed_within_an_epoch_and_varies_across_epochs_and_seeds() -> None:
