@@ -41,3 +41,20 @@ def test_reproduce_quick_baseline_then_method(tmp_path: Path, capsys: pytest.Cap
     assert {c["surrogate"] for c in tr[0]["components"]} == {"baseline-3 (seed 1)", "baseline-5 (seed 2)"}
     wb = [r for r in data["target"]["records"] if r["attack"] == "pgd-10x2"]
     assert [r["eps"] for r in wb] == [0.1, 0.2, 0.3] and all(r["n_examples"] == 60 for r in wb)
+
+    # the leaderboard's rows come from these very payloads (ensemble_core.leaderboard)
+    from ensemble_core import leaderboard as lb
+
+    row = lb.summarise(data)
+    assert row["status"] == "done" and len(row["transfer"]) == 16 and len(row["white_box"]) == 3
+    assert abs(row["transfer_mean"] - sum(r["robust_acc"] for r in tr) / 16) < 1e-12
+    assert row["clean_acc"] == data["target"]["clean"]["target"]["clean_acc_transfer_slice"]
+    board_dir = tmp_path / "board"
+    for name, payload in (("pdd", data), ("baseline", data | {"method": "baseline", "target": data["baseline"]})):
+        cell = lb._cell_path(board_dir, "mnist", name)
+        cell.parent.mkdir(parents=True, exist_ok=True)
+        cell.write_text(json.dumps(lb.summarise(payload)))
+    doc = lb.collect(board_dir, ["mnist"], ["baseline", "pdd", "trs"], lb.BUDGET)
+    rows = {r["method"]: r for r in doc["datasets"]["mnist"]["rows"]}
+    assert {rows["baseline"]["rank"], rows["pdd"]["rank"]} == {1, 2} and rows["trs"]["status"] == "not run"
+    assert "| `pdd` |" in lb.render(doc)
