@@ -188,7 +188,10 @@ def render(doc: dict[str, Any]) -> str:
              f"({b['wb_examples']} images): {doc['protocol']['white_box']}. Images: {doc['protocol']['images']}. "
              f"Evaluation seed {b['evaluation_seed']}.", "",
              f"**Ranking.** By {doc['protocol']['ranking']}. ⚠ marks a figure the evaluation flagged as unreliable; "
-             "the flags are listed under each table.", ""]
+             "the flags are listed under each table.", "",
+             "What the tables do and do not show, method by method: [leaderboard-notes.md](leaderboard-notes.md).",
+             "", f"**Machine.** {doc['machine'].get('cpus')} CPU cores (host `{doc['machine'].get('host')}`); "
+             "`train min` is each target's training wall time there (the baseline and surrogates are shared).", ""]
     for ds, board in doc["datasets"].items():
         rows = board["rows"]
         done = [r for r in rows if r["status"] == "done"]
@@ -226,8 +229,9 @@ def render(doc: dict[str, Any]) -> str:
         lines += ["Flags: " + ("none fired." if not flags else ""), *flags, ""]
         lines += ["Hyperparameters and the command that reproduces each row:", ""]
         for r in done:
+            members = ", ".join(_pct(a) for a in r.get("member_clean_acc", []))
             lines.append(f"- `{r['method']}` `{json.dumps(r['hyperparameters'], sort_keys=True)}`, deployed "
-                         f"`{r['deployed_rule']}`: `{r['command']}`")
+                         f"`{r['deployed_rule']}`, members' clean accuracy {members} %: `{r['command']}`")
         lines.append("")
     lines += ["Columns: *clean* is the deployed rule's accuracy on the transfer slice; *transfer mean* averages the "
               "16 transfer cells (FGSM, BIM, MIM, PGD × 4 ε); *vs baseline* is its difference from the baseline in "
