@@ -18,6 +18,29 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class VoteInfo:
+    """What a vote rule counts, so that evaluation can attack the vote itself (docs/evaluation.md).
+
+    ``voters`` selects the voting members' logits from all members' ``(K, N, C)``; ``top_n`` is the
+    number of classes each voter votes for in the rule's last resort (1 for a plain vote, n for DKD's
+    boosted top-n vote); ``kind`` is how the votes decide:
+
+    * ``majority``: a strict majority (> K/2) of top-1 votes, else abstain (wrong);
+    * ``plurality``: the most top-1 votes (ties by summed probability);
+    * ``majority_or_mean``: a strict majority, else the argmax of the mean softmax (PARL A9);
+    * ``boosted``: a strict top-1 majority, else a strict majority of top-n votes, else abstain (DKD §3.3).
+    """
+
+    voters: Callable[[torch.Tensor], torch.Tensor]
+    kind: str = "majority"
+    top_n: int = 1
+
+
+def all_members(z: torch.Tensor) -> torch.Tensor:
+    return z
+
+
+@dataclass(frozen=True)
 class CombineRule:
     name: str
     scores: Callable[[torch.Tensor], torch.Tensor]
@@ -26,6 +49,7 @@ class CombineRule:
     outputs: str = "logits"  # what scores are: logits, probs, log_probs, votes
     attack_surrogate: str | None = None  # rule attacked in place of this one (None: itself)
     description: str = ""
+    vote: VoteInfo | None = None  # set on vote rules: who votes and how (vote-aware attacks read it)
 
     def predict_labels(self, member_logits: torch.Tensor) -> torch.Tensor:
         if self.predict is not None:
@@ -95,10 +119,10 @@ register_combine(CombineRule("mean_probs", _mean_probs, outputs="probs", attack_
 register_combine(CombineRule("log_mean_probs", _log_mean_probs, outputs="log_probs",
                              description="log of the average softmax probability (same argmax as mean_probs)"))
 register_combine(CombineRule("vote", _vote_scores, _majority_predict, differentiable=False, outputs="votes",
-                             attack_surrogate="log_mean_probs",
+                             attack_surrogate="log_mean_probs", vote=VoteInfo(all_members, "majority"),
                              description="strict-majority vote of top-1 labels; no majority abstains (wrong)"))
 register_combine(CombineRule("plurality", _vote_scores, _plurality_predict, differentiable=False, outputs="votes",
-                             attack_surrogate="log_mean_probs",
+                             attack_surrogate="log_mean_probs", vote=VoteInfo(all_members, "plurality"),
                              description="plurality vote of top-1 labels, ties by summed probability"))
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from ensemble_core.data import TensorDataset, iterate_eval
-from ensemble_core.ensemble import CombineRule, combine_names, register_combine, vote_counts
+from ensemble_core.ensemble import CombineRule, VoteInfo, all_members, combine_names, register_combine, vote_counts
 from ensemble_core.methods import register_method
 from ensemble_core.methods.base import Hyperparameters, LossOutput, Method, Stage, StepContext, TrainNet
 
@@ -152,7 +152,7 @@ def _register_rules() -> None:
     register_combine(CombineRule(
         "vote_aux", lambda z: vote_counts(auxiliaries(z)) / auxiliaries(z).shape[0],
         lambda z: majority_vote(auxiliaries(z)), differentiable=False, outputs="votes",
-        attack_surrogate="log_mean_probs_aux",
+        attack_surrogate="log_mean_probs_aux", vote=VoteInfo(auxiliaries, "majority"),
         description="strict-majority top-1 vote of the members but the first (DKD spec §3.2); "
                     "no majority = wrong"))
     for n in (2, 3):
@@ -160,12 +160,13 @@ def _register_rules() -> None:
         register_combine(CombineRule(
             f"boosted_vote{suffix}", lambda z, n=n: _boosted_scores(z, n), lambda z, n=n: boosted_vote(z, n),
             differentiable=False, outputs="votes", attack_surrogate="log_mean_probs",
+            vote=VoteInfo(all_members, "boosted", n),
             description=f"DKD* boosted vote (DKD spec §3.3): top-1 majority, else top-{n} majority with ties "
                         f"by summed probability, else failed (wrong)"))
         register_combine(CombineRule(
             f"boosted_vote_aux{suffix}", lambda z, n=n: _boosted_scores(auxiliaries(z), n),
             lambda z, n=n: boosted_vote(auxiliaries(z), n), differentiable=False, outputs="votes",
-            attack_surrogate="log_mean_probs_aux",
+            attack_surrogate="log_mean_probs_aux", vote=VoteInfo(auxiliaries, "boosted", n),
             description=f"DKD* boosted vote (top-{n}) of the members but the first, DKD's auxiliaries "
                         f"(spec §3.2-3.3)"))
 

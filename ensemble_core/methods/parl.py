@@ -31,7 +31,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from ensemble_core.data import TensorDataset, iterate_eval
-from ensemble_core.ensemble import CombineRule, combine_rule, register_combine, vote_counts
+from ensemble_core.ensemble import CombineRule, VoteInfo, all_members, combine_rule, register_combine, vote_counts
 from ensemble_core.methods import register_method
 from ensemble_core.methods.base import Hyperparameters, LossOutput, Method, Stage, StepContext, TrainNet
 
@@ -51,7 +51,7 @@ def _vote_tiebreak_predict(z: torch.Tensor) -> torch.Tensor:
 
 register_combine(CombineRule(
     "vote_tiebreak", combine_rule("vote").scores, _vote_tiebreak_predict, differentiable=False,
-    outputs="votes", attack_surrogate="log_mean_probs",
+    outputs="votes", attack_surrogate="log_mean_probs", vote=VoteInfo(all_members, "majority_or_mean"),
     description="strict-majority vote of top-1 labels; without a majority, argmax of the mean softmax "
                 "(PARL A9)"))
 
