@@ -1,18 +1,20 @@
-"""Evaluation attacks through torchattacks, with the project's conventions.
+"""Evaluation attacks: the project's iterative loops, torchattacks, and the reference AutoAttack.
 
 Conventions (docs/evaluation.md):
 
 * Inputs are images in ``[0, 1]``; normalisation lives inside every member, so no attack normalises.
-* Attacks are untargeted and run on the ensemble's *attack target* (``Ensemble.attack_target()``: the
-  deployed rule when it is differentiable, otherwise its stated differentiable surrogate). The
-  adversarial examples are then scored on the *deployed* rule by the runner.
-* Cross-entropy variants are torchattacks' own classes, unchanged (FGSM, BIM, MIFGSM, PGD, PGDL2,
-  Square, AutoAttack). torchattacks hard-codes cross-entropy inside those attacks, so the CW-margin
-  variants are small subclasses here that override ``forward`` with the same update rule and the CW
-  margin of :func:`cw_objective` in place of the cross-entropy (a unit test checks that each subclass,
-  run with cross-entropy, reproduces torchattacks' output exactly). torchattacks' own CW-L2 computes
-  its margin as ``max((1 - onehot) * outputs)``, which is inert when every output is non-positive (log
-  of mean probabilities); :class:`CWMasked` masks the true class with ``-inf`` instead.
+* Attacks are untargeted and differentiate the ensemble's *attack target* (``Ensemble.attack_target()``:
+  the deployed rule when it is differentiable, otherwise its stated differentiable view); the examples are
+  scored on the *deployed* rule. The vote-aware losses (``vote``, ``softvote``) and the ensemble-aware
+  attack (``mora``) read the deployed rule itself (its voters and how they decide).
+* FGSM, BIM, MIM, PGD and PGD-L2 run in :mod:`ensemble_core.evaluation.engine`: one loop each, torchattacks'
+  update rules operation for operation (a unit test checks that with cross-entropy they return torchattacks'
+  examples bit for bit), any objective of :mod:`ensemble_core.evaluation.objectives`, and **every iterate
+  scored on the deployed rule** (an example is broken if any iterate breaks it).
+* CW-L2 (:class:`CWMasked`, torchattacks' CW with a margin that masks the true class with ``-inf``), Square
+  and torchattacks' AutoAttack port (``autoattack_port``) are torchattacks'; ``autoattack`` is the
+  reference AutoAttack (PyPI ``pyautoattack``, by its authors) through
+  :mod:`ensemble_core.evaluation.reference_autoattack`. Their final examples are scored on the deployed rule.
 * Every attack call runs under its own seed (``torch.random.fork_rng`` + ``manual_seed``), so results
   do not depend on what ran before, on the batch order or on how examples are sharded.
 """
@@ -29,28 +31,42 @@ import torch.nn.functional as F
 import torchattacks
 from torch import nn
 
+from ensemble_core.ensemble import CombineRule, Ensemble, combine_rule
+from ensemble_core.evaluation.engine import GradientAttack, MoraAttack, Outcome, Scorer, mora_mode_for
+from ensemble_core.evaluation.objectives import VOTE_LOSSES, applicable, cw_objective, make_objective
 from ensemble_core.spec import AttackSpec
+
+__all__ = ["CWMasked", "GradientAttack", "MoraAttack", "attack_label", "attack_losses", "attack_norm",
+           "build_attack", "cw_objective", "default_alpha", "derive_seed", "resolved_params", "run_attack",
+           "run_scored", "sanitize"]
 
 TORCHATTACKS_VERSION = getattr(torchattacks, "__version__", "unknown")
 
 FIXED_NORMS = {"fgsm": "Linf", "bim": "Linf", "mim": "Linf", "pgd": "Linf", "pgdl2": "L2", "cw": "L2"}
 GRADIENT_FREE = frozenset({"square"})
 MINIMAL_PERTURBATION = frozenset({"cw"})  # one run gives a distance per example, scored at every eps
-RANDOMISED = frozenset({"pgd", "pgdl2", "square", "autoattack"})  # restarts draw new random starts
+RANDOMISED = frozenset({"pgd", "pgdl2", "square", "mora", "autoattack", "autoattack_port"})  # restarts: new starts
+ITERATIVE = frozenset({"fgsm", "bim", "mim", "pgd", "pgdl2"})  # our engine's loops (best-iterate scoring)
+OWN_LOSS = {"autoattack": "autoattack", "autoattack_port": "autoattack", "cw": "cw"}
 
 
 def attack_norm(spec: AttackSpec) -> str:
-    """``Linf`` or ``L2``: fixed for most attacks, ``spec.norm`` (default Linf) for square / autoattack."""
+    """``Linf`` or ``L2``: fixed for most attacks, ``spec.norm`` (default Linf) for square / mora / autoattack."""
     return FIXED_NORMS.get(spec.name) or spec.norm or "Linf"
 
 
-def attack_losses(spec: AttackSpec) -> list[str]:
-    """The losses an attack entry runs (per-example worst case over them); CW-L2 and AutoAttack have their own."""
-    if spec.name == "autoattack":
-        return ["autoattack"]
-    if spec.name == "cw":
-        return ["cw"]
-    return list(dict.fromkeys(spec.losses or [spec.loss]))
+def attack_losses(spec: AttackSpec, deployed: CombineRule | None = None) -> list[str]:
+    """The losses an attack entry runs (per-example worst case over them); CW-L2 and AutoAttack have their own.
+
+    With ``deployed``, the losses that do not apply to that rule (the vote-aware losses on a rule that is not
+    a vote) are left out.
+    """
+    if spec.name in OWN_LOSS:
+        return [OWN_LOSS[spec.name]]
+    losses = list(dict.fromkeys(spec.losses or [spec.loss]))
+    if deployed is not None:
+        losses = [loss for loss in losses if applicable(loss, deployed)]
+    return losses
 
 
 def attack_label(spec: AttackSpec) -> str:
@@ -58,16 +74,18 @@ def attack_label(spec: AttackSpec) -> str:
     if spec.label:
         return spec.label
     name = spec.name
-    if spec.name in ("bim", "mim", "pgd", "pgdl2", "cw"):
+    if spec.name in ("bim", "mim", "pgd", "pgdl2", "cw", "mora"):
         name += f"-{spec.steps}"
     if spec.restarts > 1:
         name += f"x{spec.restarts}"
     if spec.name == "square":
         name += f"-{spec.n_queries}q"
-    if spec.name in ("square", "autoattack") and attack_norm(spec) != "Linf":
+    if spec.name in ("square", "mora", "autoattack", "autoattack_port") and attack_norm(spec) != "Linf":
         name += f"-{attack_norm(spec)}"
-    if spec.name == "autoattack":
+    if spec.name in ("autoattack", "autoattack_port"):
         return f"{name}-{spec.version}"
+    if spec.name == "mora" and spec.mora_mode != "auto":
+        name += f"-{spec.mora_mode}"
     losses = attack_losses(spec)
     if losses != ["ce"] and spec.name != "cw":
         name += f" ({'+'.join(losses)})"
@@ -85,12 +103,19 @@ def default_alpha(spec: AttackSpec, eps: float) -> float:
     return eps / spec.steps
 
 
+PORT_COMPONENTS = {"standard": "apgd-ce, apgd-t (dlr), fab-t, square (5000 queries)",
+                   "plus": "apgd-ce, apgd-dlr, fab, square (5000 queries), apgd-t, fab-t",
+                   "rand": "apgd-ce, apgd-dlr with 20 EoT iterations"}
+
+
 def resolved_params(spec: AttackSpec, eps: float | None) -> dict[str, Any]:
     """Every parameter the attack actually runs with (recorded with each result)."""
     p: dict[str, Any] = {"name": spec.name, "label": attack_label(spec), "norm": attack_norm(spec),
                          "targeted": False, "restarts": spec.restarts, "losses": attack_losses(spec)}
     if eps is not None:
         p["eps"] = eps
+    if spec.name in ITERATIVE:
+        p["scoring"] = "every iterate on the deployed rule (broken if any iterate is misclassified)"
     if spec.name == "fgsm":
         p.update(steps=1, alpha=eps)
     elif spec.name in ("bim", "mim", "pgd", "pgdl2"):
@@ -98,6 +123,13 @@ def resolved_params(spec: AttackSpec, eps: float | None) -> dict[str, Any]:
                  random_start=spec.random_start if spec.name in ("pgd", "pgdl2") else False)
         if spec.name == "mim":
             p["momentum"] = spec.momentum
+    elif spec.name == "mora":
+        p.update(steps=spec.steps, mode=spec.mora_mode, random_start=spec.random_start,
+                 step_size="2·eps·(1 − t/steps), heavy-ball momentum 0.75",
+                 reweighting="mean over active members of unit-norm per-member loss gradients (active: every "
+                             "member for logits ensembles, the members still correct for softmax and vote "
+                             "ensembles)",
+                 scoring="every iterate on the deployed rule")
     elif spec.name == "cw":
         p.update(steps=spec.steps, c=spec.c, lr=spec.lr, kappa=spec.kappa, restarts=1,
                  note="minimal-perturbation L2 attack: an example counts as broken at eps when CW found an "
@@ -106,173 +138,42 @@ def resolved_params(spec: AttackSpec, eps: float | None) -> dict[str, Any]:
         p.update(n_queries=spec.n_queries, p_init=0.8, square_loss="margin" if attack_losses(spec) == ["cw"] else
                  "ce" if attack_losses(spec) == ["ce"] else "ce+margin")
     elif spec.name == "autoattack":
-        p.update(version=spec.version, components={
-            "standard": "apgd-ce, apgd-t (dlr), fab-t, square (5000 queries)",
-            "plus": "apgd-ce, apgd-dlr, fab, square (5000 queries), apgd-t, fab-t",
-            "rand": "apgd-ce, apgd-dlr with 20 EoT iterations"}[spec.version])
+        from ensemble_core.evaluation.reference_autoattack import reference_components
+
+        p.update(version=spec.version, components=reference_components(spec.version, attack_norm(spec)),
+                 note="the reference AutoAttack at its own iteration counts and restarts; its examples are "
+                      "scored on the deployed rule")
+    elif spec.name == "autoattack_port":
+        p.update(version=spec.version, components=PORT_COMPONENTS[spec.version],
+                 note="torchattacks' port (APGD/APGD-T/FAB at torchattacks' defaults); not the reference")
     if "cw" in attack_losses(spec) and spec.name not in ("cw", "square"):
         p["kappa"] = spec.kappa
+    if "vote" in attack_losses(spec):
+        p["vote_hinge_kappa"] = spec.kappa
+    if "softvote" in attack_losses(spec):
+        p["vote_temperature"] = spec.vote_temperature
     p["implementation"] = implementation_name(spec)
     return p
 
 
 def implementation_name(spec: AttackSpec) -> str:
-    losses = attack_losses(spec)
-    base = {"fgsm": "FGSM", "bim": "BIM", "mim": "MIFGSM", "pgd": "PGD", "pgdl2": "PGDL2", "cw": "CW",
-            "square": "Square", "autoattack": "AutoAttack"}[spec.name]
-    parts = []
-    if "ce" in losses or spec.name in ("square", "autoattack"):
-        parts.append(f"torchattacks {TORCHATTACKS_VERSION} {base}")
-    if "cw" in losses and spec.name not in ("square",):
-        ours = "CWMasked" if spec.name == "cw" else f"{base}Margin"
-        parts.append(f"ensemble_core.evaluation.attacks.{ours} (torchattacks.{base} with the masked CW margin)")
-    return "; ".join(parts)
+    if spec.name in ITERATIVE:
+        return ("ensemble_core.evaluation.engine.GradientAttack (torchattacks 3.5.1's update rule, "
+                "our objectives, best-iterate scoring)")
+    if spec.name == "mora":
+        return "ensemble_core.evaluation.engine.MoraAttack (written from the MORA paper)"
+    if spec.name == "cw":
+        return (f"ensemble_core.evaluation.attacks.CWMasked (torchattacks {TORCHATTACKS_VERSION} CW with the "
+                "masked CW margin)")
+    if spec.name == "autoattack":
+        from ensemble_core.evaluation.reference_autoattack import implementation
+
+        return implementation()
+    base = {"square": "Square", "autoattack_port": "AutoAttack"}[spec.name]
+    return f"torchattacks {TORCHATTACKS_VERSION} {base}"
 
 
 # ------------------------------------------------------------------------------------------ losses
-
-
-def cw_objective(outputs: torch.Tensor, y: torch.Tensor, kappa: float = 0.0) -> torch.Tensor:
-    """Per-sample CW objective to *maximise*: ``min(max_{j≠y} o_j − o_y, κ)`` (Carlini & Wagner's f6, negated).
-
-    The true class is masked with ``-inf`` before the max, so the margin is right when every output is
-    non-positive (log of mean probabilities), where ``max((1 − onehot)·o)`` would select a masked zero.
-    It is capped at ``κ``: once an example is misclassified with confidence ``κ`` it stops pulling.
-    """
-    true = outputs.gather(1, y[:, None]).squeeze(1)
-    other = outputs.masked_fill(F.one_hot(y, outputs.shape[1]).bool(), float("-inf")).amax(1)
-    return torch.clamp(other - true, max=kappa)
-
-
-class _MarginMixin:
-    """Shared by the CW-margin variants: the summed objective replaces torchattacks' mean cross-entropy."""
-
-    kappa: float
-    loss_name: str
-
-    def _cost(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.loss_name == "ce":
-            return F.cross_entropy(outputs, labels)
-        return cw_objective(outputs, labels, self.kappa).sum()
-
-
-class FGSMMargin(_MarginMixin, torchattacks.FGSM):
-    """torchattacks.FGSM with a selectable loss (``cw``: the masked CW margin)."""
-
-    def __init__(self, model: nn.Module, eps: float, kappa: float = 0.0, loss: str = "cw") -> None:
-        super().__init__(model, eps=eps)
-        self.kappa, self.loss_name = kappa, loss
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        images = images.clone().detach().to(self.device)
-        labels = labels.clone().detach().to(self.device)
-        images.requires_grad_(True)
-        (grad,) = torch.autograd.grad(self._cost(self.get_logits(images), labels), images)
-        return torch.clamp(images + self.eps * grad.sign(), min=0, max=1).detach()
-
-
-class BIMMargin(_MarginMixin, torchattacks.BIM):
-    """torchattacks.BIM (no random start, projected signed steps) with a selectable loss."""
-
-    def __init__(self, model: nn.Module, eps: float, alpha: float, steps: int, kappa: float = 0.0,
-                 loss: str = "cw") -> None:
-        super().__init__(model, eps=eps, alpha=alpha, steps=steps)
-        self.kappa, self.loss_name = kappa, loss
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        images = images.clone().detach().to(self.device)
-        labels = labels.clone().detach().to(self.device)
-        ori = images.clone().detach()
-        for _ in range(self.steps):
-            images.requires_grad_(True)
-            (grad,) = torch.autograd.grad(self._cost(self.get_logits(images), labels), images)
-            adv = images + self.alpha * grad.sign()
-            # torchattacks' BIM projection: onto [x - eps, x + eps] ∩ [0, 1], in the same order.
-            a = torch.clamp(ori - self.eps, min=0)
-            b = (adv >= a).float() * adv + (adv < a).float() * a
-            c = (b > ori + self.eps).float() * (ori + self.eps) + (b <= ori + self.eps).float() * b
-            images = torch.clamp(c, max=1).detach()
-        return images
-
-
-class MIFGSMMargin(_MarginMixin, torchattacks.MIFGSM):
-    """torchattacks.MIFGSM (momentum on L1-normalised gradients) with a selectable loss."""
-
-    def __init__(self, model: nn.Module, eps: float, alpha: float, steps: int, decay: float = 1.0,
-                 kappa: float = 0.0, loss: str = "cw") -> None:
-        super().__init__(model, eps=eps, alpha=alpha, steps=steps, decay=decay)
-        self.kappa, self.loss_name = kappa, loss
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        images = images.clone().detach().to(self.device)
-        labels = labels.clone().detach().to(self.device)
-        momentum = torch.zeros_like(images)
-        adv = images.clone().detach()
-        for _ in range(self.steps):
-            adv.requires_grad_(True)
-            (grad,) = torch.autograd.grad(self._cost(self.get_logits(adv), labels), adv)
-            grad = grad / torch.mean(torch.abs(grad), dim=(1, 2, 3), keepdim=True)
-            grad = grad + momentum * self.decay
-            momentum = grad
-            adv = adv.detach() + self.alpha * grad.sign()
-            delta = torch.clamp(adv - images, min=-self.eps, max=self.eps)
-            adv = torch.clamp(images + delta, min=0, max=1).detach()
-        return adv
-
-
-class PGDMargin(_MarginMixin, torchattacks.PGD):
-    """torchattacks.PGD (L∞, uniform random start) with a selectable loss."""
-
-    def __init__(self, model: nn.Module, eps: float, alpha: float, steps: int, random_start: bool = True,
-                 kappa: float = 0.0, loss: str = "cw") -> None:
-        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
-        self.kappa, self.loss_name = kappa, loss
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        images = images.clone().detach().to(self.device)
-        labels = labels.clone().detach().to(self.device)
-        adv = images.clone().detach()
-        if self.random_start:
-            adv = torch.clamp(adv + torch.empty_like(adv).uniform_(-self.eps, self.eps), min=0, max=1).detach()
-        for _ in range(self.steps):
-            adv.requires_grad_(True)
-            (grad,) = torch.autograd.grad(self._cost(self.get_logits(adv), labels), adv)
-            adv = adv.detach() + self.alpha * grad.sign()
-            delta = torch.clamp(adv - images, min=-self.eps, max=self.eps)
-            adv = torch.clamp(images + delta, min=0, max=1).detach()
-        return adv
-
-
-class PGDL2Margin(_MarginMixin, torchattacks.PGDL2):
-    """torchattacks.PGDL2 (L2-normalised steps, random start in the L2 ball) with a selectable loss."""
-
-    def __init__(self, model: nn.Module, eps: float, alpha: float, steps: int, random_start: bool = True,
-                 kappa: float = 0.0, loss: str = "cw") -> None:
-        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
-        self.kappa, self.loss_name = kappa, loss
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        images = images.clone().detach().to(self.device)
-        labels = labels.clone().detach().to(self.device)
-        adv = images.clone().detach()
-        n = len(images)
-        if self.random_start:
-            delta = torch.empty_like(adv).normal_()
-            norms = delta.view(n, -1).norm(p=2, dim=1).view(n, 1, 1, 1)
-            r = torch.zeros_like(norms).uniform_(0, 1)
-            delta *= r / norms * self.eps
-            adv = torch.clamp(adv + delta, min=0, max=1).detach()
-        for _ in range(self.steps):
-            adv.requires_grad_(True)
-            (grad,) = torch.autograd.grad(self._cost(self.get_logits(adv), labels), adv)
-            grad_norms = torch.norm(grad.view(n, -1), p=2, dim=1) + self.eps_for_division
-            grad = grad / grad_norms.view(n, 1, 1, 1)
-            adv = adv.detach() + self.alpha * grad
-            delta = adv - images
-            delta_norms = torch.norm(delta.view(n, -1), p=2, dim=1)
-            factor = torch.min(self.eps / delta_norms, torch.ones_like(delta_norms))
-            adv = torch.clamp(images + delta * factor.view(-1, 1, 1, 1), min=0, max=1).detach()
-        return adv
 
 
 class CWMasked(torchattacks.CW):
@@ -290,30 +191,63 @@ class CWMasked(torchattacks.CW):
 # --------------------------------------------------------------------------------------- factory
 
 
+def _members_and_view(model: nn.Module) -> tuple[Any, CombineRule]:
+    """``x -> (K, N, C)`` and the rule that maps them to the attacked output (a plain module is one member)."""
+    if isinstance(model, Ensemble):
+        return model.member_logits, model.rule
+    return (lambda x: model(x).unsqueeze(0)), combine_rule("mean_logits")
+
+
+def voter_indices(ens: Ensemble, rule: CombineRule) -> list[int]:
+    """Indices of the members ``rule`` listens to (its vote's voters; every member otherwise)."""
+    k = len(ens)
+    if rule.vote is None:
+        return list(range(k))
+    probe = torch.arange(k, dtype=torch.float32).view(k, 1, 1)
+    return [int(i) for i in rule.vote.voters(probe).flatten().tolist()]
+
+
 def build_attack(model: nn.Module, spec: AttackSpec, eps: float, loss: str, *, num_classes: int,
-                 seed: int = 0) -> torchattacks.Attack:
-    """One torchattacks ``Attack`` for ``spec`` at ``eps`` with ``loss`` (``ce``, ``cw`` or the attack's own)."""
-    if spec.name == "fgsm":
-        return torchattacks.FGSM(model, eps=eps) if loss == "ce" else FGSMMargin(model, eps, spec.kappa)
-    alpha = default_alpha(spec, eps)
-    if spec.name == "bim":
-        return (torchattacks.BIM(model, eps=eps, alpha=alpha, steps=spec.steps) if loss == "ce"
-                else BIMMargin(model, eps, alpha, spec.steps, spec.kappa))
-    if spec.name == "mim":
-        return (torchattacks.MIFGSM(model, eps=eps, alpha=alpha, steps=spec.steps, decay=spec.momentum)
-                if loss == "ce" else MIFGSMMargin(model, eps, alpha, spec.steps, spec.momentum, spec.kappa))
-    if spec.name == "pgd":
-        return (torchattacks.PGD(model, eps=eps, alpha=alpha, steps=spec.steps, random_start=spec.random_start)
-                if loss == "ce" else PGDMargin(model, eps, alpha, spec.steps, spec.random_start, spec.kappa))
-    if spec.name == "pgdl2":
-        return (torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=spec.steps, random_start=spec.random_start)
-                if loss == "ce" else PGDL2Margin(model, eps, alpha, spec.steps, spec.random_start, spec.kappa))
+                 seed: int = 0, deployed: CombineRule | None = None, steps: int | None = None) -> Any:
+    """One attack for ``spec`` at ``eps`` with ``loss``, on ``model`` (the ensemble's attack target).
+
+    ``deployed``: the rule the examples are scored on (default: ``model``'s own rule); the vote-aware
+    losses and the ensemble-aware attack read it. Returns a callable ``atk(x, y) -> adv``; the engine's
+    attacks also have ``run(x, y, scorer)`` (best-iterate scoring).
+    """
+    steps = steps or spec.steps
+    if deployed is None and isinstance(model, Ensemble):
+        deployed = model.rule
+    if spec.name in ITERATIVE:
+        members, view = _members_and_view(model)
+        objective = make_objective(loss, view, deployed, kappa=spec.kappa, temperature=spec.vote_temperature)
+        reduction = "mean" if loss == "ce" else "sum"
+        if spec.name == "fgsm":
+            return GradientAttack(members, objective, kind="fgsm", eps=eps, reduction=reduction)
+        return GradientAttack(members, objective, kind=spec.name, eps=eps, alpha=default_alpha(spec, eps),
+                              steps=steps, random_start=spec.random_start and spec.name in ("pgd", "pgdl2"),
+                              decay=spec.momentum, reduction=reduction)
+    if spec.name == "mora":
+        if loss in VOTE_LOSSES:
+            raise ValueError(f"losses: mora takes ce, cw or dlr, not {loss!r}")
+        ens = model if isinstance(model, Ensemble) else Ensemble([model], "mean_logits")
+        rule = deployed or ens.rule
+        mode = spec.mora_mode if spec.mora_mode != "auto" else mora_mode_for(rule.outputs)
+        top_n = rule.vote.top_n if (rule.vote is not None and rule.vote.kind == "boosted") else 1
+        return MoraAttack(list(ens.members), loss=loss, eps=eps, steps=steps, norm=attack_norm(spec), mode=mode,
+                          voters=voter_indices(ens, rule), top_n=top_n, random_start=spec.random_start,
+                          kappa=spec.kappa)
     if spec.name == "cw":
-        return CWMasked(model, c=spec.c, kappa=spec.kappa, steps=spec.steps, lr=spec.lr)
+        return CWMasked(model, c=spec.c, kappa=spec.kappa, steps=steps, lr=spec.lr)
     if spec.name == "square":
         return torchattacks.Square(model, norm=attack_norm(spec), eps=eps, n_queries=spec.n_queries, n_restarts=1,
                                    loss="margin" if loss == "cw" else "ce", seed=seed % (2**31), verbose=False)
     if spec.name == "autoattack":
+        from ensemble_core.evaluation.reference_autoattack import ReferenceAutoAttack
+
+        return ReferenceAutoAttack(model, eps=eps, norm=attack_norm(spec), version=spec.version,
+                                   seed=seed % (2**31), n_classes=num_classes)
+    if spec.name == "autoattack_port":
         return torchattacks.AutoAttack(model, norm=attack_norm(spec), eps=eps, version=spec.version,
                                        n_classes=num_classes, seed=seed % (2**31), verbose=False)
     raise ValueError(f"attacks.name: unknown attack {spec.name!r}")
@@ -334,10 +268,22 @@ def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
         yield
 
 
-def run_attack(atk: torchattacks.Attack, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+def run_attack(atk: Any, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
     """``atk(x, y)`` under ``seed``; returns detached adversarial examples on ``x``'s device."""
     with seeded(seed, x.device):
         return atk(x, y).detach()
+
+
+def run_scored(atk: Any, x: torch.Tensor, y: torch.Tensor, seed: int, scorer: Scorer) -> Outcome:
+    """Run ``atk`` under ``seed`` with best-iterate scoring where it has it (the engine's attacks).
+
+    Other attacks (Square, CW-L2, AutoAttack) give their final examples, scored once with ``scorer``.
+    """
+    with seeded(seed, x.device):
+        if hasattr(atk, "run"):
+            return atk.run(x, y, scorer)
+        adv = atk(x, y).detach()
+    return Outcome(adv, adv, None, None, 1)
 
 
 def sanitize(adv: torch.Tensor, x: torch.Tensor, eps: float | None, norm: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,16 +26,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ensemble_core.ensemble import Ensemble
+from ensemble_core.ensemble import Ensemble, combine_rule
 from ensemble_core.evaluation.attacks import (
     RANDOMISED,
     attack_losses,
     attack_norm,
     build_attack,
     derive_seed,
-    run_attack,
+    run_scored,
     sanitize,
 )
+from ensemble_core.evaluation.objectives import VOTE_LOSSES
 from ensemble_core.spec import AttackSpec
 
 CLOSEST = 0.45  # distance of the closest adversarial example, as a fraction of eps
@@ -118,27 +119,38 @@ def verify_witness(p: WitnessProblem) -> None:
 
 def attack_unit_test(spec: AttackSpec, eps: float, *, combine: str = "log_mean_probs", seed: int = 0,
                      n: int = 16) -> dict[str, object]:
-    """Run ``spec`` at ``eps`` on a witness problem; ``missed`` counts points the attack did not break."""
+    """Run ``spec`` at ``eps`` on a witness problem; ``missed`` counts points the attack did not break.
+
+    Every loss of the entry runs (per-example worst case, as in an evaluation). A vote-aware loss on a
+    ``combine`` that is not a vote is tested on the same problem deployed with a strict-majority ``vote``.
+    Points count as broken when *any* iterate of an iterative attack is misclassified (best-iterate scoring).
+    """
     norm = attack_norm(spec)
-    p = witness_problem(eps, norm, n=n, combine=combine, seed=seed)
-    verify_witness(p)
-    target = p.ensemble.attack_target()
-    robust = torch.ones(len(p.x), dtype=torch.bool)
+    problems: dict[str, WitnessProblem] = {}
+    robust = torch.ones(n, dtype=torch.bool)
     restarts = spec.restarts if spec.name in RANDOMISED else 1
     invalid = 0
+    used = []
     for loss in attack_losses(spec):
+        rule = combine if loss not in VOTE_LOSSES or combine_rule(combine).vote is not None else "vote"
+        if rule not in problems:
+            problems[rule] = witness_problem(eps, norm, n=n, combine=rule, seed=seed)
+            verify_witness(problems[rule])
+        p = problems[rule]
+        used.append(rule)
+        target = p.ensemble.attack_target()
         for r in range(restarts):
             idx = robust.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
             s = derive_seed(seed, "unit-test", spec.name, eps, loss, r)
-            atk = build_attack(target, spec, eps, loss, num_classes=10, seed=s)
-            adv = run_attack(atk, p.x[idx], p.y[idx], s)
-            adv, bad = sanitize(adv, p.x[idx], None if spec.name == "cw" else eps, norm)
+            atk = build_attack(target, spec, eps, loss, num_classes=10, seed=s, deployed=p.ensemble.rule)
+            out = run_scored(atk, p.x[idx], p.y[idx], s, p.ensemble.rule.predict_labels)
+            adv, bad = sanitize(out.adv, p.x[idx], None if spec.name == "cw" else eps, norm)
             invalid += int(bad.sum())
             fooled = p.ensemble.predict(adv) != p.y[idx]
             if spec.name == "cw":  # a minimal-perturbation attack must find it within eps
                 fooled &= (adv - p.x[idx]).flatten(1).norm(dim=1) <= eps + 1e-6
             robust[idx] = ~fooled
-    return {"attack": spec.name, "eps": eps, "norm": norm, "combine": combine, "n": len(p.x),
-            "missed": int(robust.sum()), "invalid": invalid, "closest_adversarial": CLOSEST * eps}
+    return {"attack": spec.name, "eps": eps, "norm": norm, "combine": combine, "rules": sorted(set(used)),
+            "n": n, "missed": int(robust.sum()), "invalid": invalid, "closest_adversarial": CLOSEST * eps}

@@ -1,4 +1,4 @@
-"""Evaluation attacks: the CW objective, the CW-loss torchattacks variants, and attack unit tests
+"""Evaluation attacks: the CW objective, the engine's loops against torchattacks, and attack unit tests
 (Zimmermann et al. 2022) on models where an adversarial example provably exists within eps."""
 
 from __future__ import annotations
@@ -10,12 +10,9 @@ from torch import nn
 
 from ensemble_core.ensemble import Ensemble
 from ensemble_core.evaluation.attacks import (
-    BIMMargin,
     CWMasked,
-    FGSMMargin,
-    MIFGSMMargin,
-    PGDL2Margin,
-    PGDMargin,
+    GradientAttack,
+    MoraAttack,
     attack_label,
     build_attack,
     cw_objective,
@@ -23,6 +20,7 @@ from ensemble_core.evaluation.attacks import (
     derive_seed,
     resolved_params,
     run_attack,
+    run_scored,
     sanitize,
 )
 from ensemble_core.evaluation.sanity import attack_unit_test, verify_witness, witness_problem
@@ -58,25 +56,35 @@ def _linear_ensemble(combine: str) -> Ensemble:
     return Ensemble(members, combine).eval()
 
 
+def _ours(ens: Ensemble, spec: AttackSpec, eps: float, loss: str = "ce") -> GradientAttack:
+    return build_attack(ens, spec, eps, loss, num_classes=4)
+
+
 @pytest.mark.parametrize("name,ours,ta", [
-    ("fgsm", lambda m: FGSMMargin(m, 0.1, loss="ce"), lambda m: torchattacks.FGSM(m, eps=0.1)),
-    ("bim", lambda m: BIMMargin(m, 0.1, 0.02, 7, loss="ce"),
+    ("fgsm", lambda m: _ours(m, AttackSpec(name="fgsm"), 0.1), lambda m: torchattacks.FGSM(m, eps=0.1)),
+    ("bim", lambda m: _ours(m, AttackSpec(name="bim", steps=7, alpha=0.02), 0.1),
      lambda m: torchattacks.BIM(m, eps=0.1, alpha=0.02, steps=7)),
-    ("mim", lambda m: MIFGSMMargin(m, 0.1, 0.02, 7, 1.0, loss="ce"),
+    ("mim", lambda m: _ours(m, AttackSpec(name="mim", steps=7, alpha=0.02, momentum=1.0), 0.1),
      lambda m: torchattacks.MIFGSM(m, eps=0.1, alpha=0.02, steps=7, decay=1.0)),
-    ("pgd", lambda m: PGDMargin(m, 0.1, 0.02, 7, True, loss="ce"),
+    ("pgd", lambda m: _ours(m, AttackSpec(name="pgd", steps=7, alpha=0.02), 0.1),
      lambda m: torchattacks.PGD(m, eps=0.1, alpha=0.02, steps=7, random_start=True)),
-    ("pgdl2", lambda m: PGDL2Margin(m, 1.0, 0.2, 7, True, loss="ce"),
+    ("pgdl2", lambda m: _ours(m, AttackSpec(name="pgdl2", steps=7, alpha=0.2), 1.0),
      lambda m: torchattacks.PGDL2(m, eps=1.0, alpha=0.2, steps=7, random_start=True)),
 ])
-def test_margin_variants_reproduce_torchattacks_with_ce(name: str, ours, ta) -> None:  # noqa: ANN001
-    """Our subclasses differ from torchattacks only in the loss: with CE they give identical examples."""
-    ens = _linear_ensemble("mean_logits")
+@pytest.mark.parametrize("combine", ["mean_logits", "log_mean_probs"])
+def test_engine_reproduces_torchattacks_with_ce(name: str, ours, ta, combine: str) -> None:  # noqa: ANN001
+    """Our loops differ from torchattacks only in what they add (objectives, scoring): with CE, identical examples."""
+    ens = _linear_ensemble(combine)
     x = torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 4, (12,), generator=torch.Generator().manual_seed(2))
-    a = run_attack(ours(ens), x, y, seed=5)
+    atk = ours(ens)
+    assert isinstance(atk, GradientAttack)
+    a = run_attack(atk, x, y, seed=5)
     b = run_attack(ta(ens), x, y, seed=5)
     assert torch.equal(a, b), name
+    # scoring every iterate changes nothing about the final iterate
+    out = run_scored(atk, x, y, 5, ens.rule.predict_labels)
+    assert torch.equal(out.final, b)
 
 
 def test_cw_variant_moves_on_log_prob_ensemble_and_differs_from_ce() -> None:
@@ -85,8 +93,9 @@ def test_cw_variant_moves_on_log_prob_ensemble_and_differs_from_ce() -> None:
     y = ens.predict(x)
     with torch.no_grad():
         assert (ens(x) <= 0).all()
-    adv_cw = run_attack(PGDMargin(ens, 0.3, 0.05, 10, False, loss="cw"), x, y, seed=0)
-    adv_ce = run_attack(PGDMargin(ens, 0.3, 0.05, 10, False, loss="ce"), x, y, seed=0)
+    spec = AttackSpec(name="pgd", steps=10, alpha=0.05, random_start=False)
+    adv_cw = run_attack(_ours(ens, spec, 0.3, "cw"), x, y, seed=0)
+    adv_ce = run_attack(_ours(ens, spec, 0.3, "ce"), x, y, seed=0)
     moved = (adv_cw - x).flatten(1).abs().amax(1)
     assert (moved > 0).all() and (moved <= 0.3 + 1e-6).all()  # the margin loss pushes every example
     assert (ens.predict(adv_cw) != y).float().mean() > 0.9
@@ -120,8 +129,11 @@ ALL_ATTACKS = [
     (AttackSpec(name="pgdl2", steps=10, loss="cw"), 1.5),
     (AttackSpec(name="cw", steps=100, c=10, lr=0.05), 1.5),
     (AttackSpec(name="square", n_queries=3000, restarts=2), 0.2),
-    (AttackSpec(name="autoattack", version="standard"), 0.2),
-    (AttackSpec(name="autoattack", version="standard", norm="L2"), 1.5),
+    (AttackSpec(name="pgd", steps=10, loss="dlr"), 0.2),
+    (AttackSpec(name="mora", steps=20), 0.2),
+    (AttackSpec(name="mora", steps=20, loss="dlr", norm="L2"), 1.5),
+    (AttackSpec(name="autoattack_port", version="standard"), 0.2),
+    (AttackSpec(name="autoattack_port", version="standard", norm="L2"), 1.5),
 ]
 
 
@@ -171,15 +183,20 @@ def test_defaults_and_recorded_parameters() -> None:
     assert default_alpha(AttackSpec(name="pgd", alpha_ratio=0.1, alpha=0.5), 0.3) == pytest.approx(0.03)
     p = resolved_params(AttackSpec(name="mim", steps=10, alpha_ratio=0.2, losses=["ce", "cw"], kappa=0.1), 0.25)
     assert p["alpha"] == pytest.approx(0.05) and p["momentum"] == 1.0 and p["kappa"] == 0.1
-    assert p["losses"] == ["ce", "cw"] and p["norm"] == "Linf" and "torchattacks" in p["implementation"]
+    assert p["losses"] == ["ce", "cw"] and p["norm"] == "Linf" and "torchattacks 3.5.1" in p["implementation"]
+    assert "every iterate" in p["scoring"]
     assert resolved_params(AttackSpec(name="cw"), 1.0)["restarts"] == 1
     assert derive_seed(1, "a", 0.1) == derive_seed(1, "a", 0.1) != derive_seed(1, "a", 0.2)
 
 
 def test_build_attack_types() -> None:
     ens = _linear_ensemble("log_mean_probs")
-    assert type(build_attack(ens, AttackSpec(name="pgd"), 0.1, "ce", num_classes=4)) is torchattacks.PGD
-    assert isinstance(build_attack(ens, AttackSpec(name="pgd"), 0.1, "cw", num_classes=4), PGDMargin)
+    pgd = build_attack(ens, AttackSpec(name="pgd"), 0.1, "cw", num_classes=4)
+    assert isinstance(pgd, GradientAttack) and pgd.kind == "pgd" and pgd.reduction == "sum"
+    assert build_attack(ens, AttackSpec(name="pgd"), 0.1, "ce", num_classes=4).reduction == "mean"
+    assert isinstance(build_attack(ens, AttackSpec(name="mora"), 0.1, "dlr", num_classes=4), MoraAttack)
+    assert type(build_attack(ens, AttackSpec(name="autoattack_port"), 0.1, "autoattack", num_classes=4)) \
+        is torchattacks.AutoAttack
     assert isinstance(build_attack(ens, AttackSpec(name="cw"), 0.0, "cw", num_classes=4), CWMasked)
     sq = build_attack(ens, AttackSpec(name="square", loss="cw"), 0.1, "cw", num_classes=4, seed=3)
     assert isinstance(sq, torchattacks.Square) and sq.loss == "margin" and sq.seed == 3
