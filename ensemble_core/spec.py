@@ -142,36 +142,65 @@ class TrainSpec(StrictModel):
             raise ValueError(problem)
         if self.schedule.milestones and self.schedule.milestones[-1] > self.epochs:
             raise ValueError("schedule.milestones must not exceed epochs")
+        if not self.drop_last and self.workers > 1:
+            raise ValueError("drop_last: keeping the last incomplete batch needs workers = 1 (DDP shares must be equal)")
         return self
+
+    @property
+    def passes(self) -> int:
+        """Passes over the training set per stage: ``epochs``, plus one with ``extra_pass``."""
+        return self.epochs + int(self.extra_pass)
 
     def resolved(self) -> dict[str, Any]:
         """The spec with every default filled in, as stored with a job and its checkpoints."""
         return self.model_dump(mode="json")
 
 
-class AttackSpec(StrictModel):
-    """One attack of an evaluation; every parameter is recorded in the results."""
+ATTACK_NAMES = ("fgsm", "bim", "mim", "pgd", "pgdl2", "cw", "square", "mora", "autoattack", "autoattack_port")
+LOSS_NAMES = ("ce", "cw", "dlr", "vote", "softvote")
+# Which losses each attack takes (docs/evaluation.md): the iterative attacks take every loss, including the
+# vote-aware ones; the ensemble-aware attack takes per-member losses; Square takes CE or its margin loss.
+ATTACK_LOSSES: dict[str, tuple[str, ...]] = {
+    "fgsm": LOSS_NAMES, "bim": LOSS_NAMES, "mim": LOSS_NAMES, "pgd": LOSS_NAMES, "pgdl2": LOSS_NAMES,
+    "mora": ("ce", "cw", "dlr"), "square": ("ce", "cw"), "cw": ("ce", "cw"), "autoattack": ("ce", "cw"),
+    "autoattack_port": ("ce", "cw")}
 
-    name: Literal["fgsm", "bim", "mim", "pgd", "pgdl2", "cw", "square", "autoattack"] = "pgd"
+LossName = Literal["ce", "cw", "dlr", "vote", "softvote"]
+
+
+class AttackSpec(StrictModel):
+    """One attack of an evaluation; every parameter is recorded in the results (docs/evaluation.md)."""
+
+    name: Literal["fgsm", "bim", "mim", "pgd", "pgdl2", "cw", "square", "mora", "autoattack",
+                  "autoattack_port"] = Field(
+        "pgd", description="fgsm, bim, mim, pgd, pgdl2 (our loops, every iterate scored on the deployed rule); cw "
+                           "(L2 minimal perturbation); square (gradient-free); mora (ensemble-aware, member "
+                           "reweighing); autoattack (the reference AutoAttack, PyPI pyautoattack); autoattack_port "
+                           "(torchattacks' port, for comparison only)")
     eps: list[Annotated[float, Field(ge=0, le=64)]] = Field(default_factory=lambda: [0.1, 0.2, 0.3])
     steps: int = Field(40, ge=1, le=10_000)
     alpha: float | None = Field(None, gt=0, le=64, description="step size; default eps/4 (pgd) or eps/steps")
     alpha_ratio: float | None = Field(None, gt=0, le=10,
                                       description="step size as a multiple of each eps (0.2 = eps/5); overrides alpha")
     restarts: int = Field(1, ge=1, le=100)
-    loss: Literal["ce", "cw"] = "ce"
-    kappa: float = Field(0.0, ge=0, le=100, description="CW margin confidence")
+    loss: LossName = Field("ce", description="ce, cw (margin), dlr, vote (vote-aware hinge), softvote "
+                                             "(low-temperature soft vote)")
+    kappa: float = Field(0.0, ge=0, le=100, description="CW margin confidence; vote-hinge overshoot")
     momentum: float = Field(1.0, ge=0, le=10, description="MIM decay")
     c: float = Field(1.0, gt=0, le=1e4, description="CW-L2 constant")
     lr: float = Field(0.01, gt=0, le=10, description="CW-L2 learning rate")
     n_queries: int = Field(1000, ge=1, le=100_000, description="Square attack queries")
     random_start: bool = True
     norm: Literal["Linf", "L2"] | None = Field(
-        None, description="threat model of square / autoattack (default Linf); the other attacks' norm is fixed")
-    losses: list[Literal["ce", "cw"]] | None = Field(
-        None, min_length=1, max_length=4,
+        None, description="threat model of square / mora / autoattack (default Linf); the other attacks' norm is "
+                          "fixed")
+    losses: list[LossName] | None = Field(
+        None, min_length=1, max_length=5,
         description="several losses: per-example worst case over all of them (overrides loss)")
     version: Literal["standard", "plus", "rand"] = Field("standard", description="AutoAttack version")
+    mora_mode: Literal["auto", "logits", "softmax", "vote"] = Field(
+        "auto", description="ensemble pattern of the ensemble-aware attack; auto = from the deployed rule")
+    vote_temperature: float = Field(0.25, gt=0, le=100, description="temperature of the softvote loss")
     label: str | None = Field(None, min_length=1, max_length=64,
                               description="name shown in tables (default: derived from name, loss and steps)")
 
@@ -180,6 +209,12 @@ class AttackSpec(StrictModel):
         fixed = {"fgsm": "Linf", "bim": "Linf", "mim": "Linf", "pgd": "Linf", "pgdl2": "L2", "cw": "L2"}
         if self.norm is not None and self.name in fixed and self.norm != fixed[self.name]:
             raise ValueError(f"norm: {self.name} is an {fixed[self.name]} attack (use pgd / pgdl2 for the other norm)")
+        allowed = ATTACK_LOSSES[self.name]
+        for field_name, values in (("losses", self.losses or []), ("loss", [self.loss])):
+            bad = [v for v in values if v not in allowed]
+            if bad and not (field_name == "loss" and self.losses):
+                raise ValueError(f"{field_name}: {self.name} does not take the loss {bad[0]!r}; it takes "
+                                 f"{', '.join(allowed)}")
         return self
 
     @field_validator("eps")
