@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import stat
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,30 +30,31 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service import schemas
 from service.auth import Principal, TokenStore, job_owner, make_auth_dependency, principal_of, server_path_errors
 from service.db import make_engine
-from service.limits import BodySizeLimit, check_storable
+from service.limits import MAX_ERRORS, BodySizeLimit, cap_errors, check_idempotency_key, check_storable
 from service.models import JOB_STATUSES, TERMINAL_STATUSES
 from service.queue import IdempotencyConflict, InvalidTransition, JobNotFound, Queue
 from service.routes_leaderboard import router as leaderboard_router
 from service.routes_tune import register_tune_routes
 from service.routes_ui import router as ui_router
+from service.security import HostCheck, SecurityHeaders, swagger_ui_html
 from service.settings import Settings
 from service.submission import JOB_REFERENCES, SpecError, error_item, resolve_references, validate_spec
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "0.1.0"
-MAX_IDEMPOTENCY_KEY = 255
 MAX_OFFSET = 1_000_000_000
 MAX_LOG_ID = 2**62
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
+SSE_AUTH_RECHECK_SECONDS = 2.0  # an open log stream re-checks its token this often (revocation reaches it)
 
 
 def _public(job: dict[str, Any]) -> dict[str, Any]:
@@ -63,33 +67,64 @@ def _split_csv(values: list[str] | None) -> list[str]:
 
 
 def list_artifacts(root: Path) -> list[dict[str, Any]]:
-    """Files under a job's artifacts directory (temporary and hidden files left out)."""
-    if not root.is_dir():
+    """Regular files under a job's artifacts directory (temporary and hidden files left out).
+
+    Symbolic links are neither listed nor followed (``lstat``, ``os.walk(followlinks=False)``): a link in
+    a job's directory must not reveal the size or time of a file outside it.
+    """
+    try:
+        if not root.is_dir() or root.is_symlink():
+            return []
+    except OSError:
         return []
     items = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
-            st = p.stat()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fname in filenames:
+            if fname.startswith("."):
+                continue
+            p = base / fname
+            try:
+                st = p.lstat()
+            except OSError:  # removed meanwhile
+                continue
+            if not stat.S_ISREG(st.st_mode):  # symlinks, sockets, fifos
+                continue
             items.append(
                 {
-                    "name": rel.as_posix(),
+                    "name": p.relative_to(root).as_posix(),
                     "size": st.st_size,
                     "modified": datetime.fromtimestamp(st.st_mtime, tz=UTC),
                 }
             )
-    return items
+    return sorted(items, key=lambda i: i["name"])
+
+
+MAX_ARTIFACT_NAME_BYTES = 4096  # PATH_MAX; a component may have 255 bytes (NAME_MAX)
 
 
 def safe_artifact_path(root: Path, name: str) -> Path | None:
-    """The file ``name`` inside ``root``, or None when it escapes it (``..``, absolute paths, symlinks)."""
+    """The file ``name`` inside ``root``, or None when it escapes it (``..``, absolute paths, symlinks).
+
+    Names the file system cannot hold (a component over 255 bytes, the whole over 4096) are None
+    without a lookup, and any ``OSError`` of the lookup is None too (Python 3.11's ``Path.is_file()``
+    raises on ``ENAMETOOLONG``: a 500 and a logged traceback per request before)."""
     if not name or name.startswith("/") or "\x00" in name:
         return None
-    if any(part in ("..", "") or part.startswith(".") for part in name.split("/")):
+    parts = name.split("/")
+    if any(part in ("..", "") or part.startswith(".") for part in parts):
         return None
-    root_real = root.resolve()
-    candidate = (root_real / name).resolve()
-    if not candidate.is_relative_to(root_real) or not candidate.is_file():
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_ARTIFACT_NAME_BYTES or any(
+        len(part.encode("utf-8", "surrogatepass")) > 255 for part in parts
+    ):
+        return None
+    try:
+        root_real = root.resolve()
+        candidate = (root_real / name).resolve()
+        if not candidate.is_relative_to(root_real) or not candidate.is_file():
+            return None
+    except (OSError, ValueError, RuntimeError):  # ENAMETOOLONG, ELOOP, ...: no such artifact
         return None
     return candidate
 
@@ -144,8 +179,18 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
         lifespan=lifespan,
         # authentication of /v1 and tenancy of every route with a job_id (service.auth)
         dependencies=[Depends(make_auth_dependency(settings.auth, engine))],
+        # /docs is served below with pinned, integrity-checked Swagger UI assets; ReDoc not at all
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
+    docs_html, docs_policy = swagger_ui_html(app.openapi_url or "/openapi.json", f"{app.title} - API docs")
+    # middleware: the last added is the outermost; the security headers go on every answer, 400 and 413 too
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
+    if not settings.auth and settings.allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=settings.allowed_hosts)  # type: ignore[arg-type]
+    app.add_middleware(SecurityHeaders, docs_policy=docs_policy)  # type: ignore[arg-type]
+    tokens = TokenStore(engine)
     app.state.queue = queue
     app.state.settings = settings
     register_tune_routes(app, queue)
@@ -154,17 +199,18 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
         items = []
-        for e in exc.errors():
+        for e in errors[:MAX_ERRORS]:  # the rest are counted, not listed (an invalid body of 1 MiB: 100k errors)
             loc = [p for p in e.get("loc", ()) if p != "body"]
             items.append(
                 error_item(loc or ["body"], str(e.get("msg", "")), str(e.get("type", "value_error")))
             )
-        return JSONResponse(status_code=422, content={"detail": items})
+        return JSONResponse(status_code=422, content={"detail": cap_errors(items, total=len(errors))})
 
     @app.exception_handler(SpecError)
     async def _spec_error(request: Request, exc: SpecError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": exc.errors})
+        return JSONResponse(status_code=422, content={"detail": cap_errors(exc.errors)})
 
     @app.exception_handler(JobNotFound)
     async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
@@ -198,6 +244,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
             raise SpecError(errors)
     responses_404: dict[int | str, dict[str, Any]] = {404: {"model": schemas.ErrorResponse}}
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """Swagger UI for this API (pinned assets with Subresource Integrity; see service.security)."""
+        return HTMLResponse(docs_html)
+
     # ------------------------------------------------------------------ health
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
@@ -205,8 +256,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], responses={503: {"model": schemas.ErrorResponse}})
-    def readyz() -> JSONResponse:
-        """The database answers and its schema is at the latest migration."""
+    def readyz(request: Request) -> JSONResponse:
+        """The database answers and its schema is at the latest migration.
+
+        Why the database is not ready (the driver's error, which names its socket path or host) is
+        logged, and shown only to the local admin of authentication-off mode; an anonymous caller
+        learns that it is not ready."""
         from service.migrate import head_revision
 
         try:
@@ -214,9 +269,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
                 exists = c.execute(text("SELECT to_regclass('alembic_version')")).scalar()
                 current = c.execute(text("SELECT version_num FROM alembic_version")).scalar() if exists else None
         except Exception as e:
-            return JSONResponse(
-                status_code=503, content={"detail": f"database not ready: {type(e).__name__}: {e}"}
-            )
+            reason = f"{type(e).__name__}: {str(getattr(e, 'orig', e)).strip().splitlines()[0] if str(e) else ''}"
+            log.warning("readiness check: database not ready: %s", reason)
+            shown = f"database not ready: {reason}" if principal_of(request).is_admin else "database not ready"
+            return JSONResponse(status_code=503, headers={"Retry-After": "2"}, content={"detail": shown})
         head = head_revision()
         if current != head:
             return JSONResponse(
@@ -245,17 +301,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
 
         With an ``Idempotency-Key`` header, a replay of the same request returns the job created
         the first time (header ``Idempotent-Replayed: true``); the same key with a different request
-        is a 409. An evaluate job naming a train job (``target_job``, ``transfer_from_job``,
-        ``baseline_job``) waits for it (``depends_on``).
+        is a 409. Keys are scoped to the caller's owner (another owner's key is another key); keys
+        starting with ``trial:`` are reserved (422). An evaluate job naming a train job (``target_job``,
+        ``transfer_from_job``, ``baseline_job``) waits for it (``depends_on``).
         """
-        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
-            raise SpecError(
-                [error_item(["header", "Idempotency-Key"], f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")]
-            )
+        check_idempotency_key(idempotency_key)
         principal = principal_of(request)
         check_storable(body.spec, ["spec"])
-        if idempotency_key is not None:
-            check_storable(idempotency_key, ["header", "Idempotency-Key"])
         path_errors = server_path_errors(principal, body.kind, body.spec, ["spec"])
         if path_errors:
             raise SpecError(path_errors)
@@ -273,12 +325,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
                 owner=principal.owner,
                 deadline_seconds=body.deadline_seconds,
             )
-        except IdempotencyConflict as e:
-            if job_owner(engine, e.job_id)[1] != principal.owner:  # another owner's key: name no job
-                raise HTTPException(status_code=409, detail="Idempotency-Key already used") from None
+        except IdempotencyConflict as e:  # keys are scoped to their owner: this is the caller's own job
             raise HTTPException(status_code=409, detail=str(e)) from None
-        if not created and job.get("owner") != principal.owner:
-            raise HTTPException(status_code=409, detail="Idempotency-Key already used")
         response.headers["Location"] = f"/v1/jobs/{job['id']}"
         if not created:
             response.headers["Idempotent-Replayed"] = "true"
@@ -406,7 +454,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
     ) -> Any:
         """Log lines of the job. With ``follow=true``: ``text/event-stream``, one ``log`` event per line
         (``id`` = line id, so a reconnect with ``Last-Event-ID`` resumes), then one ``end`` event with the
-        final status."""
+        final status. The stream re-checks its token every few seconds: once the token is revoked it
+        sends an ``error`` event and closes (a reconnect then gets 401)."""
         await run_in_threadpool(queue.get, job_id)
         if not follow:
             items = await run_in_threadpool(queue.logs, job_id, after=after, limit=limit)
@@ -414,8 +463,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
         start = after
         if last_event_id and last_event_id.isascii() and last_event_id.isdigit() and len(last_event_id) < 19:
             start = max(start, int(last_event_id))
+        principal = principal_of(request)
+        token_id = principal.token_id
+        still_valid = None if token_id is None else (lambda: tokens.is_active(token_id))
         return StreamingResponse(
-            _follow_logs(request, queue, job_id, start),
+            _follow_logs(request, queue, job_id, start, still_valid),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -458,7 +510,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
         queue.get(job_id)
         path = safe_artifact_path(settings.job_artifacts_dir(str(job_id)), name)
         if path is None:
-            raise HTTPException(status_code=404, detail=f"job {job_id} has no artifact {name!r}")
+            shown = name if len(name) <= 120 else name[:120] + "..."
+            raise HTTPException(status_code=404, detail=f"job {job_id} has no artifact {shown!r}")
         return FileResponse(path, filename=path.name, media_type="application/octet-stream")
 
     # ------------------------------------------------------------------ methods
@@ -491,38 +544,58 @@ def _warn_without_tokens(engine: Engine) -> None:
         log.warning("could not count API tokens: %s", e)
 
 
-async def _follow_logs(request: Request, queue: Queue, job_id: uuid.UUID, after: int) -> AsyncIterator[str]:
+def _sse(event: str, payload: dict[str, Any], event_id: int | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(payload)}\n\n"
+
+
+def _log_event(r: dict[str, Any]) -> str:
+    payload = {"id": r["id"], "at": r["at"].isoformat(), "attempt": r["attempt"], "line": r["line"]}
+    return _sse("log", payload, r["id"])
+
+
+async def _follow_logs(request: Request, queue: Queue, job_id: uuid.UUID, after: int,
+                       still_valid: Callable[[], bool] | None = None) -> AsyncIterator[str]:
+    """The SSE stream of ``GET /v1/jobs/{id}/logs?follow=true``.
+
+    ``still_valid`` (the request's token is not revoked) is re-checked every :data:`SSE_AUTH_RECHECK_SECONDS`:
+    a revoked token's stream gets an ``error`` event and ends. A database outage ends the stream with an
+    ``error`` event too (the client reconnects with ``Last-Event-ID``), never with a traceback in the log.
+    """
     last = after
     idle = 0.0
-    while True:
-        if await request.is_disconnected():
-            return
-        rows = await run_in_threadpool(queue.logs, job_id, after=last, limit=1000)
-        for r in rows:
-            last = r["id"]
-            payload = {"id": r["id"], "at": r["at"].isoformat(), "attempt": r["attempt"], "line": r["line"]}
-            yield f"id: {r['id']}\nevent: log\ndata: {json.dumps(payload)}\n\n"
-        if rows:
-            idle = 0.0
-            continue
-        job = await run_in_threadpool(queue.get, job_id)
-        if job["status"] in TERMINAL_STATUSES:
-            # lines written just before the final transition are already visible: one more read
-            tail = await run_in_threadpool(queue.logs, job_id, after=last, limit=10_000)
-            for r in tail:
+    next_check = time.monotonic() + SSE_AUTH_RECHECK_SECONDS
+    try:
+        while True:
+            if await request.is_disconnected():
+                return
+            if still_valid is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + SSE_AUTH_RECHECK_SECONDS
+                if not await run_in_threadpool(still_valid):
+                    yield _sse("error", {"detail": "invalid or revoked API token"})
+                    return
+            rows = await run_in_threadpool(queue.logs, job_id, after=last, limit=1000)
+            for r in rows:
                 last = r["id"]
-                payload = {
-                    "id": r["id"],
-                    "at": r["at"].isoformat(),
-                    "attempt": r["attempt"],
-                    "line": r["line"],
-                }
-                yield f"id: {r['id']}\nevent: log\ndata: {json.dumps(payload)}\n\n"
-            end = {"status": job["status"], "error": job.get("error")}
-            yield f"event: end\ndata: {json.dumps(end)}\n\n"
-            return
-        await asyncio.sleep(SSE_POLL_SECONDS)
-        idle += SSE_POLL_SECONDS
-        if idle >= SSE_KEEPALIVE_SECONDS:
-            idle = 0.0
-            yield ": keep-alive\n\n"
+                yield _log_event(r)
+            if rows:
+                idle = 0.0
+                continue
+            job = await run_in_threadpool(queue.get, job_id)
+            if job["status"] in TERMINAL_STATUSES:
+                # lines written just before the final transition are already visible: one more read
+                tail = await run_in_threadpool(queue.logs, job_id, after=last, limit=10_000)
+                for r in tail:
+                    last = r["id"]
+                    yield _log_event(r)
+                yield _sse("end", {"status": job["status"], "error": job.get("error")})
+                return
+            await asyncio.sleep(SSE_POLL_SECONDS)
+            idle += SSE_POLL_SECONDS
+            if idle >= SSE_KEEPALIVE_SECONDS:
+                idle = 0.0
+                yield ": keep-alive\n\n"
+    except (OperationalError, InterfaceError) as e:
+        reason = str(getattr(e, "orig", e)).strip().split("\n", 1)[0] or type(e).__name__
+        log.warning("log stream of job %s ended: database unavailable: %s", job_id, reason)
+        yield _sse("error", {"detail": "database unavailable; reconnect with Last-Event-ID"})

@@ -153,6 +153,13 @@ class TokenStore:
                 c.execute(text("UPDATE api_tokens SET last_used_at = now() WHERE id = :id"), {"id": row.id})
         return Principal(owner=row.owner, scope=row.scope, token_id=row.id)
 
+    def is_active(self, token_id: uuid.UUID) -> bool:
+        """Whether the token with this id exists and is not revoked (open streams re-check it)."""
+        with self.engine.connect() as c:
+            row = c.execute(text("SELECT 1 FROM api_tokens WHERE id = :id AND revoked_at IS NULL"),
+                            {"id": token_id}).first()
+        return row is not None
+
     def count_active(self) -> int:
         with self.engine.connect() as c:
             return int(c.execute(text("SELECT count(*) FROM api_tokens WHERE revoked_at IS NULL")).scalar_one())

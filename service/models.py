@@ -88,11 +88,20 @@ class Job(Base):
             "seq",
             postgresql_where=text("status = 'queued' AND kind <> 'trial'"),
         ),
+        # migration 0005: submissions' keys are unique per owner, trial rows' keys per parent tune job
         Index(
-            "uq_jobs_idempotency_key",
+            "uq_jobs_owner_idempotency_key",
+            text("COALESCE(owner, '')"),
             "idempotency_key",
             unique=True,
-            postgresql_where=text("idempotency_key IS NOT NULL"),
+            postgresql_where=text("idempotency_key IS NOT NULL AND kind <> 'trial'"),
+        ),
+        Index(
+            "uq_jobs_trial_key",
+            "parent_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("kind = 'trial'"),
         ),
         Index(
             "ix_jobs_lease_expires_at",

@@ -46,7 +46,8 @@ INSERT INTO jobs (id, kind, status, spec, priority, max_attempts, idempotency_ke
                   parent_id, owner, deadline_seconds)
 VALUES (:id, :kind, :status, CAST(:spec AS jsonb), :priority, :max_attempts, :key, :hash, CAST(:deps AS uuid[]),
         :parent, :owner, :deadline)
-ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+ON CONFLICT (COALESCE(owner, ''), idempotency_key) WHERE idempotency_key IS NOT NULL AND kind <> 'trial'
+DO NOTHING
 RETURNING {JOB_COLUMNS}"""
 
 SQL_CANCEL = f"""
@@ -145,12 +146,18 @@ SQL_METRICS = """
 INSERT INTO job_metrics (job_id, name, step, value, attempt) VALUES (:job, :name, :step, :value, :attempt)
 ON CONFLICT (job_id, name, step) DO UPDATE SET value = EXCLUDED.value, attempt = EXCLUDED.attempt, at = EXCLUDED.at"""
 
+# A trial row is keyed by (parent tune job, trial key) in its own index (migration 0005), apart from the keys
+# of submissions: the upsert can only ever match a trial row of the same tune job (the WHERE says so too).
 SQL_TRIAL = """
 INSERT INTO jobs (id, kind, status, spec, result, error, idempotency_key, parent_id, max_attempts, progress)
 VALUES (:id, 'trial', :status, CAST(:spec AS jsonb), CAST(:result AS jsonb), :error, :key, :parent, 1, :progress)
-ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO UPDATE SET
+ON CONFLICT (parent_id, idempotency_key) WHERE kind = 'trial' DO UPDATE SET
     status = EXCLUDED.status, spec = EXCLUDED.spec, result = EXCLUDED.result, error = EXCLUDED.error,
-    progress = EXCLUDED.progress"""
+    progress = EXCLUDED.progress
+WHERE jobs.kind = 'trial' AND jobs.parent_id = EXCLUDED.parent_id"""
+
+# Idempotency keys of this form are the worker's own (trial rows); submissions may not use the prefix.
+RESERVED_KEY_PREFIX = "trial:"
 
 
 class JobNotFound(LookupError):
@@ -260,7 +267,8 @@ class Queue:
                status: str = "queued", owner: str | None = None,
                deadline_seconds: float | None = None) -> tuple[dict[str, Any], bool]:
         """Insert a job; returns ``(job, created)``. A replayed ``idempotency_key`` returns the first job
-        (:class:`IdempotencyConflict` when the replay's request differs). ``owner``: the submitting
+        (:class:`IdempotencyConflict` when the replay's request differs); keys are scoped to the ``owner``
+        (migration 0005: another owner's key is another key). ``owner``: the submitting
         token's owner (None with authentication off; a child job inherits its parent's).
         ``deadline_seconds``: the job fails, not retried, when it has not finished that long after its
         first start (the worker enforces it)."""
@@ -278,8 +286,9 @@ class Queue:
             if row is not None:
                 return _row(row), True
             # ON CONFLICT waited for the other transaction to commit: the row with this key is visible now
-            existing = c.execute(text(f"SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = :key"),
-                                 {"key": idempotency_key}).first()
+            existing = c.execute(text(f"SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = :key AND "
+                                      "COALESCE(owner, '') = COALESCE(CAST(:owner AS text), '') AND kind <> 'trial'"),
+                                 {"key": idempotency_key, "owner": owner}).first()
         job = _row(existing)
         if job["request_hash"] != rhash:
             raise IdempotencyConflict(job["id"])
@@ -486,8 +495,8 @@ class Queue:
             rows.append({"id": uuid.uuid4(), "status": status,
                          "spec": to_json({"trial_id": trial_id, "config": t.get("config", {})}),
                          "result": to_json({k: v for k, v in t.items() if k not in ("config", "status")}),
-                         "error": t.get("error"), "key": f"trial:{parent_id}:{trial_id}", "parent": parent_id,
-                         "progress": progress})
+                         "error": t.get("error"), "key": f"{RESERVED_KEY_PREFIX}{parent_id}:{trial_id}",
+                         "parent": parent_id, "progress": progress})
         if rows:
             with self.engine.begin() as c:
                 for r in rows:
@@ -495,5 +504,5 @@ class Queue:
         return len(rows)
 
 
-__all__ = ["Heartbeat", "IdempotencyConflict", "InvalidTransition", "JobNotFound", "Lease", "Queue",
-           "request_hash", "to_json", "trial_status"]
+__all__ = ["RESERVED_KEY_PREFIX", "Heartbeat", "IdempotencyConflict", "InvalidTransition", "JobNotFound", "Lease",
+           "Queue", "request_hash", "to_json", "trial_status"]

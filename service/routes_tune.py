@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import schemas
 from service.auth import principal_of, server_path_errors
-from service.limits import check_storable
+from service.limits import check_idempotency_key, check_storable
 from service.queue import IdempotencyConflict, Queue
 from service.submission import SpecError, validate_spec
 
@@ -78,9 +78,8 @@ def register_tune_routes(app: FastAPI, queue: Queue) -> None:
         """
         body = body or TrainFromBest()
         principal = principal_of(request)  # the app's auth dependency already hid other owners' jobs (404)
+        check_idempotency_key(idempotency_key)
         check_storable(body.overrides, ["overrides"])
-        if idempotency_key is not None:
-            check_storable(idempotency_key, ["header", "Idempotency-Key"])
         path_errors = server_path_errors(principal, "train", body.overrides, ["overrides"])
         if path_errors:
             raise SpecError(path_errors)
@@ -109,12 +108,8 @@ def register_tune_routes(app: FastAPI, queue: Queue) -> None:
             new, created = queue.submit("train", resolved, priority=body.priority,
                                         max_attempts=body.max_attempts, idempotency_key=idempotency_key,
                                         owner=principal.owner)
-        except IdempotencyConflict as e:
-            if queue.get(e.job_id).get("owner") != principal.owner:  # another owner's key: name no job
-                raise HTTPException(status_code=409, detail="Idempotency-Key already used") from None
+        except IdempotencyConflict as e:  # keys are scoped to their owner: this is the caller's own job
             raise HTTPException(status_code=409, detail=str(e)) from None
-        if not created and new.get("owner") != principal.owner:
-            raise HTTPException(status_code=409, detail="Idempotency-Key already used")
         response.headers["Location"] = f"/v1/jobs/{new['id']}"
         if not created:
             response.headers["Idempotent-Replayed"] = "true"

@@ -28,16 +28,26 @@ MEDIA_TYPES = {
 }
 # The files change with the package, not per request: revalidate every time (cheap; a few kB).
 NO_CACHE = {"Cache-Control": "no-cache"}
+MAX_NAME_BYTES = 255  # NAME_MAX of Linux file systems
 
 router = APIRouter(include_in_schema=False)
 
 
 def static_file(name: str) -> Path | None:
-    """A file directly inside ``service/static`` with a served extension, or None."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
+    """A file directly inside ``service/static`` with a served extension, or None.
+
+    Names longer than a file name can be (255 bytes) are None without asking the file system, and any
+    ``OSError`` of the lookup is None too: ``Path.is_file()`` of Python 3.11 raises on ``ENAMETOOLONG``,
+    which was a 500 with a traceback in the log for every such request."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
+        return None
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         return None
     path = STATIC_DIR / name
-    if path.suffix not in MEDIA_TYPES or not path.is_file():
+    try:
+        if path.suffix not in MEDIA_TYPES or not path.is_file():
+            return None
+    except (OSError, ValueError):
         return None
     return path
 
@@ -65,8 +75,13 @@ def ui_static(name: str) -> FileResponse:
     """The dashboard's script, style sheet and icon."""
     path = static_file(name)
     if path is None:
-        raise HTTPException(status_code=404, detail=f"no dashboard file {name!r}")
+        raise HTTPException(status_code=404, detail=f"no dashboard file {_quote(name)}")
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=NO_CACHE)
+
+
+def _quote(name: str, limit: int = 80) -> str:
+    """``name`` for an error message, shortened: an answer need not echo a name of thousands of characters."""
+    return repr(name if len(name) <= limit else name[:limit] + "...")
 
 
 __all__ = ["STATIC_DIR", "UI_PREFIX", "router", "static_file"]

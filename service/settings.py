@@ -41,6 +41,13 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from e
 
 
+def _env_list(name: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in os.environ.get(name, "").split(",") if v.strip())
+
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # the names a local `up` answers to with auth off
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable. ``database_url`` None means: start the embedded PostgreSQL in ``data_dir/pg``."""
@@ -63,6 +70,10 @@ class Settings:
     # load_settings reads RE_AUTH, whose default is on for `serve` and off for the local `up` / `demo`.
     auth: bool = False
     max_body_bytes: int = 1024 * 1024  # larger request bodies get 413 (RE_MAX_BODY_BYTES)
+    # Host names the API answers to while auth is off (DNS-rebinding protection, service.security); None
+    # = no check (this dataclass's default, for library use and tests). load_settings gives the loopback
+    # names plus RE_ALLOWED_HOSTS (comma-separated); `up` adds the address it listens on.
+    allowed_hosts: tuple[str, ...] | None = None
 
     @property
     def artifacts_root(self) -> Path:
@@ -105,4 +116,5 @@ def load_settings(
         leaderboard_path=Path(lb).expanduser().resolve() if (lb := os.environ.get("RE_LEADERBOARD_PATH")) else None,
         auth=_env_bool("RE_AUTH", auth_default),
         max_body_bytes=int(_env_float("RE_MAX_BODY_BYTES", 1024 * 1024)),
+        allowed_hosts=(*LOCAL_HOSTS, *_env_list("RE_ALLOWED_HOSTS")),
     )

@@ -32,6 +32,24 @@ def error_item(loc: Sequence[str | int], msg: str, type_: str = "value_error") -
     return {"loc": list(loc), "field": ".".join(str(p) for p in loc), "msg": msg, "type": type_}
 
 
+MAX_ERRORS = 50  # a 422 lists at most this many errors, then one item counting the rest
+
+
+def cap_errors(items: list[dict[str, Any]], limit: int = MAX_ERRORS, *, total: int | None = None
+               ) -> list[dict[str, Any]]:
+    """The first ``limit`` error items, plus one saying how many more there were (a 422 stays small
+    however many errors an invalid body has). ``total``: the number of errors when ``items`` holds only
+    the first of them."""
+    if items and items[-1].get("type") == "too_many_errors" and len(items) <= limit + 1:
+        return items  # capped already
+    total = len(items) if total is None else max(total, len(items))
+    if total <= limit:
+        return items
+    rest = total - limit
+    return [*items[:limit], error_item(["body"], f"... and {rest} more errors (only the first {limit} are listed)",
+                                       "too_many_errors")]
+
+
 def _guess_field(msg: str, model: type[BaseModel] | None) -> list[str]:
     """Model-level validators report problems without a location; find the field their message names."""
     if model is None:
@@ -51,10 +69,11 @@ def pydantic_errors(
     err: ValidationError, prefix: Sequence[str | int], model: type[BaseModel] | None = None
 ) -> list[dict[str, Any]]:
     out = []
-    for e in err.errors(include_url=False):
+    errors = err.errors(include_url=False)
+    for e in errors[:MAX_ERRORS]:
         loc = list(e["loc"]) or _guess_field(e["msg"], model)
         out.append(error_item([*prefix, *loc], e["msg"].removeprefix("Value error, "), e["type"]))
-    return out
+    return cap_errors(out, total=len(errors))
 
 
 def validate_spec(kind: str, spec: dict[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,10 @@ class WorkerProcess:
             self.cmd += ["--num-cpus", str(num_cpus)]
         self.env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                     "PYTHONUNBUFFERED": "1"}
+        if not ray_address:  # the worker's local Ray listens on 127.0.0.1 only (set before Ray is imported)
+            from workers.ray_local import loopback_env
+
+            self.env.update(loopback_env())
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
@@ -109,6 +113,15 @@ class WorkerProcess:
             self._log_file = None
 
 
+def _allowed_hosts(settings: Settings, host: str) -> tuple[str, ...] | None:
+    """The Host names the API answers to with auth off: the configured ones plus the address it listens on
+    (unless a wildcard: then only the configured names, ``RE_ALLOWED_HOSTS`` adding the machine's)."""
+    names = settings.allowed_hosts
+    if names is None or host in ("0.0.0.0", "::", ""):
+        return names
+    return (*names, host) if host not in names else names
+
+
 def run_up(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, worker: bool = True,
            ray_address: str | None = None, num_cpus: int | None = None) -> int:
     """Run the whole stack until Ctrl-C / SIGTERM. Returns the exit code."""
@@ -137,7 +150,7 @@ def run_up(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, wor
             proc = WorkerProcess(settings, url, ray_address=ray_address, num_cpus=num_cpus,
                                  log_path=logs_dir / "worker.log")
             proc.start()
-        app = create_app(settings.with_(database_url=url))
+        app = create_app(settings.with_(database_url=url, allowed_hosts=_allowed_hosts(settings, host)))
         log.info("API on http://%s:%d (docs: http://%s:%d/docs); data in %s", host, port, host, port,
                  settings.data_dir)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,

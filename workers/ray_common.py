@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import ray
 
+from workers.ray_local import keep_local_ray_on_loopback
+
 T = TypeVar("T")
 
 # CPU cores reserved by (and torch threads used in) each Ray Train worker or Tune trial process.
@@ -52,16 +54,6 @@ def ensure_ray() -> None:
         if address is None:
             keep_local_ray_on_loopback()
         ray.init(address=address, log_to_driver=False, configure_logging=False)
-
-
-def keep_local_ray_on_loopback() -> None:
-    """Make a Ray started by this process bind to 127.0.0.1.
-
-    On Linux Ray advertises the machine's interface address even for a single local node; with its
-    cluster mode off every Ray process of a local instance binds and connects to loopback only.
-    Call before ``ray.init()`` without an address (a cluster address is left alone).
-    """
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def describe_validation_error(err: Exception, prefix: str = "") -> str:

@@ -440,8 +440,24 @@ def _trim(message: str) -> str:
 
 def connect_ray(address: str | None = None, *, temp_dir: str | Path | None = None,
                 num_cpus: int | None = None) -> None:
-    """Connect to a Ray cluster (``address``) or start a local one with its files under ``temp_dir``."""
+    """Connect to a Ray cluster (``address``) or start a local one with its files under ``temp_dir``.
+
+    A local Ray listens on 127.0.0.1 only and its token file is readable by its owner only
+    (:mod:`workers.ray_local`; both set up before ``ray`` is imported, when Ray reads them).
+    """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Ray workers inherit it: no spin-waiting on 2 cores
+    kwargs: dict[str, Any] = {}
+    if not address:
+        from workers.ray_local import LOOPBACK, keep_local_ray_on_loopback, private_ray_token
+
+        keep_local_ray_on_loopback()
+        if temp_dir is not None:
+            Path(temp_dir).mkdir(parents=True, exist_ok=True)
+            kwargs["_temp_dir"] = str(temp_dir)
+        import tempfile
+
+        private_ray_token(temp_dir if temp_dir is not None else tempfile.mkdtemp(prefix="re-ray-token-"))
+        kwargs["_node_ip_address"] = LOOPBACK
     import ray
 
     if ray.is_initialized():
@@ -450,13 +466,6 @@ def connect_ray(address: str | None = None, *, temp_dir: str | Path | None = Non
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
         return
-    kwargs: dict[str, Any] = {}
-    if temp_dir is not None:
-        Path(temp_dir).mkdir(parents=True, exist_ok=True)
-        kwargs["_temp_dir"] = str(temp_dir)
-    from workers.ray_common import keep_local_ray_on_loopback
-
-    keep_local_ray_on_loopback()
     ray.init(num_cpus=num_cpus, log_to_driver=False, configure_logging=False, **kwargs)
 
 
