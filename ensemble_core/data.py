@@ -357,13 +357,21 @@ class GlobalBatchLoader:
     Every rank draws the same permutation and the same augmentation parameters for the whole global
     batch and keeps its own slice, so training with W ranks of B/W rows is the same computation as
     one process with B rows (DDP averages the gradients of equal shares). The last incomplete global
-    batch is dropped so that shares stay equal.
+    batch is dropped so that shares stay equal, unless ``drop_last`` is false (one process only: the CLDL
+    reference code's ``DataLoader`` keeps it; that step's ``Batch.global_size`` is the remainder).
+
+    Augmentation: ``augment`` crops (zero padding 2 px at 28 px, 4 px at 32 px); ``flip`` flips
+    horizontally with probability ½, by default only with ``augment`` and only 3-channel images (digits and
+    clothes are not flip-invariant), ``True`` flips any image, with or without the crop (spec cldl A12).
     """
 
     def __init__(self, ds: TensorDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", augment: bool = False, shuffle: bool = True) -> None:
+                 device: torch.device | str = "cpu", augment: bool = False, shuffle: bool = True,
+                 flip: bool | None = None, drop_last: bool = True) -> None:
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of workers {world_size}")
+        if not drop_last and world_size > 1:
+            raise ValueError("drop_last=False needs one process: the last batch cannot be split into equal shares")
         if len(ds) < batch_size:
             raise ValueError(f"the training set ({len(ds)} images) is smaller than one batch ({batch_size})")
         self.ds, self.batch_size, self.seed = ds, batch_size, seed
@@ -372,10 +380,12 @@ class GlobalBatchLoader:
         self.images = ds.images.to(self.device)
         self.labels = ds.labels.to(self.device)
         self.pad = 4 if ds.info.image_size >= 32 else 2
-        self.flip = ds.info.in_channels == 3  # digits and clothes are not flip-invariant in the papers' setups
+        self.flip = (augment and ds.info.in_channels == 3) if flip is None else flip
+        self.drop_last = drop_last
 
     def __len__(self) -> int:
-        return len(self.ds) // self.batch_size
+        full, rest = divmod(len(self.ds), self.batch_size)
+        return full + int(bool(rest) and not self.drop_last)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from ``start_step`` on (a resumed epoch skips the finished steps)."""
@@ -384,13 +394,18 @@ class GlobalBatchLoader:
         share = self.batch_size // self.world_size
         lo, hi = self.rank * share, (self.rank + 1) * share
         for step in range(start_step, len(self)):
+            start = step * self.batch_size
+            size = min(self.batch_size, len(self.ds) - start)  # < batch_size only for a kept last batch
+            if size < self.batch_size:
+                lo, hi = 0, size  # one process (checked in __init__)
             # only this rank's rows are gathered, converted and augmented (the draws cover the global batch)
-            idx = perm[step * self.batch_size + lo : step * self.batch_size + hi].to(self.device)
+            idx = perm[start + lo : start + hi].to(self.device)
             x = to_float(self.images[idx])
-            if self.augment:
+            if self.augment or self.flip:
                 aug_g = torch.Generator().manual_seed(self.seed * 7_919 + epoch * 100_003 + step)
-                x = augment_batch(x, aug_g, pad=self.pad, flip=self.flip, offset=lo, total=self.batch_size)
-            yield Batch(x, self.labels[idx], step, self.batch_size, lo)
+                x = augment_batch(x, aug_g, pad=self.pad if self.augment else 0, flip=self.flip, offset=lo,
+                                  total=size)
+            yield Batch(x, self.labels[idx], step, size, lo)
 
 
 def iterate_eval(ds: TensorDataset, batch_size: int, device: torch.device | str = "cpu"

@@ -40,6 +40,8 @@ class OptimizerSpec(StrictModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
     nesterov: bool = False
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0, le=1e-2, description="Adam only: ε of the denominator (torch's default 1e-8; the "
+                                                           "CLDL reference code uses 1e-7, spec cldl §3)")
 
 
 class ScheduleSpec(StrictModel):
@@ -65,7 +67,8 @@ class TrainSpec(StrictModel):
     data_dir: str | None = Field(
         None, description="directory of the dataset files (CIFAR, or a non-default Fashion-MNIST)")
     architecture: str = Field("lenet5", description="a registered architecture name")
-    members: int = Field(3, ge=1, le=MAX_MEMBERS)
+    members: int = Field(3, ge=1, le=MAX_MEMBERS, description="ensemble members; when omitted, the method's default "
+                                                               "(3; DKD 4: M plus three voting auxiliaries)")
     epochs: int = Field(2, ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(128, ge=1, le=MAX_BATCH, description="global batch, split across workers")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -75,6 +78,16 @@ class TrainSpec(StrictModel):
     train_subset: int | None = Field(None, ge=1, le=MAX_EXAMPLES, description="train on a seeded subset of this size")
     val_size: int = Field(0, ge=0, le=50_000, description="held out from the training split for validation")
     augment: bool | None = Field(None, description="crop+flip augmentation; default: on for CIFAR, off for MNIST")
+    hflip: bool | None = Field(
+        None, description="random horizontal flip (p = 1/2) of training images; default: with augment, on 3-channel "
+                          "data only; true also flips 1-channel data (no crop unless augment), as the CLDL reference "
+                          "code does on MNIST and Fashion-MNIST (spec cldl A12)")
+    drop_last: bool = Field(
+        True, description="drop each epoch's last incomplete batch (equal DDP shares); false keeps it, as the CLDL "
+                          "reference code's DataLoader does (one worker only)")
+    extra_pass: bool = Field(
+        False, description="train epochs + 1 passes, as the CLDL reference code's `range(0, epochs + 1)` (spec cldl "
+                           "§3); the extra pass is epoch number epochs + 1 of the schedule")
     combine: str | None = Field(None, description="inference rule; default: the method's")
     eval_subset: int = Field(2000, ge=0, le=10_000, description="test images scored for clean accuracy at the end")
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -90,6 +103,17 @@ class TrainSpec(StrictModel):
             if v not in DATASETS:
                 raise ValueError(f"unknown dataset {v!r}; expected one of {', '.join(DATASETS)}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_members(cls, data: Any) -> Any:
+        """A spec that gives no ``members`` gets its method's ``default_members``."""
+        if isinstance(data, dict) and data.get("members") is None and isinstance(data.get("method"), str):
+            from ensemble_core.methods import get_method, method_names
+
+            if data["method"] in method_names():
+                data = {**data, "members": get_method(data["method"]).default_members}
+        return data
 
     @field_validator("method")
     @classmethod
@@ -143,7 +167,7 @@ class TrainSpec(StrictModel):
         if self.schedule.milestones and self.schedule.milestones[-1] > self.epochs:
             raise ValueError("schedule.milestones must not exceed epochs")
         if not self.drop_last and self.workers > 1:
-            raise ValueError("drop_last: keeping the last incomplete batch needs workers = 1 (DDP shares must be equal)")
+            raise ValueError("drop_last: keeping the last incomplete batch needs workers = 1 (equal DDP shares)")
         return self
 
     @property

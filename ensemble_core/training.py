@@ -74,7 +74,7 @@ def make_optimizer(groups: list[dict[str, Any]], opt: OptimizerSpec) -> torch.op
     for g in groups:
         g["initial_lr"] = g["lr"]
     if opt.name == "adam":
-        return torch.optim.Adam(groups, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+        return torch.optim.Adam(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
     return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
                            weight_decay=opt.weight_decay)
 
@@ -102,6 +102,25 @@ def clean_accuracy(ensemble: Ensemble, ds: TensorDataset, device: torch.device |
     n = max(len(ds), 1)
     return {"acc": correct.item() / n, "abstain_rate": abstain.item() / n,
             "member_acc": [c / n for c in member_correct.tolist()], "n": len(ds)}
+
+
+COLLAPSE_GAP = 0.2  # a member this far (20 points) below the median of the others' clean accuracy is flagged
+
+
+def collapsed_members(accs: list[float], gap: float = COLLAPSE_GAP) -> list[int]:
+    """Members whose clean accuracy is at least ``gap`` below the median of the *other* members' (the
+    training-time collapse guard, issue 21: e.g. a DKD auxiliary at 20 % beside members at 97 %). Needs at
+    least two members; the returned indices are positions in ``accs``."""
+    if len(accs) < 2:
+        return []
+    out = []
+    for i, a in enumerate(accs):
+        others = sorted(accs[:i] + accs[i + 1:])
+        mid = len(others) // 2
+        median = others[mid] if len(others) % 2 else 0.5 * (others[mid - 1] + others[mid])
+        if median - a >= gap:
+            out.append(i)
+    return out
 
 
 @dataclass
@@ -153,7 +172,7 @@ def make_state(setup: RunSetup, optimizer: torch.optim.Optimizer | None, stage: 
         "aux": {n: {k: v.detach().cpu().clone() for k, v in a.state_dict().items()} for n, a in net.aux.items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "progress": {"stage": stage, "epoch": epoch, "finished": finished,
-                     "stages": len(setup.method.stages()), "epochs": setup.spec.epochs},
+                     "stages": len(setup.method.stages()), "epochs": setup.spec.passes},
         "combine": setup.spec.combine or setup.method.combine(),
         "history": json.dumps(history),
     }
@@ -184,7 +203,9 @@ def train_ensemble(spec: TrainSpec | dict[str, Any], *, device: torch.device | s
     stages = method.stages()
     info = DATASET_INFO[spec.dataset]
     augment = info.augment_by_default if spec.augment is None else spec.augment
-    loader = GlobalBatchLoader(setup.train, spec.batch_size, spec.seed, rank, world_size, device, augment)
+    loader = GlobalBatchLoader(setup.train, spec.batch_size, spec.seed, rank, world_size, device, augment,
+                               flip=spec.hflip, drop_last=spec.drop_last)
+    passes = spec.passes  # epochs, plus one with extra_pass (the CLDL reference code's range(0, epochs + 1))
     history: list[dict[str, Any]] = []
     start_stage, start_epoch, opt_state = 0, 0, None
     if resume_state is not None:
@@ -194,19 +215,19 @@ def train_ensemble(spec: TrainSpec | dict[str, Any], *, device: torch.device | s
         start_stage, start_epoch = prog["stage"], prog["epoch"]
         if prog.get("finished"):
             start_stage = len(stages)
-        elif start_epoch >= spec.epochs:  # the stage had ended: go on with the next one
+        elif start_epoch >= passes:  # the stage had ended: go on with the next one
             start_stage, start_epoch = start_stage + 1, 0
         else:
             opt_state = resume_state["optimizer"]
-        hooks.log(f"resuming at stage {start_stage + 1}/{len(stages)}, epoch {start_epoch + 1}/{spec.epochs}")
+        hooks.log(f"resuming at stage {start_stage + 1}/{len(stages)}, epoch {start_epoch + 1}/{passes}")
 
-    total_epochs = len(stages) * spec.epochs
+    total_epochs = len(stages) * passes
     optimizer: torch.optim.Optimizer | None = None
     bar = None
     if hooks.progress_bar and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_epochs * len(loader), initial=(start_stage * spec.epochs + start_epoch) * len(loader),
+        bar = tqdm(total=total_epochs * len(loader), initial=(start_stage * passes + start_epoch) * len(loader),
                    unit="step", dynamic_ncols=True)
     for stage_idx in range(start_stage, len(stages)):
         stage = stages[stage_idx]
@@ -218,8 +239,8 @@ def train_ensemble(spec: TrainSpec | dict[str, Any], *, device: torch.device | s
             opt_state = None
         model = hooks.wrap(net, method.find_unused_parameters) if hooks.wrap else net
         first_epoch = start_epoch if stage_idx == start_stage else 0
-        for epoch in range(first_epoch, spec.epochs):
-            factor = lr_factor(spec.schedule, epoch, spec.epochs)
+        for epoch in range(first_epoch, passes):
+            factor = lr_factor(spec.schedule, epoch, passes)
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * factor
             net.train()
@@ -251,7 +272,7 @@ def train_ensemble(spec: TrainSpec | dict[str, Any], *, device: torch.device | s
                 vec = vec / world_size
             metrics: dict[str, Any] = {f"train_{k}": float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
             metrics.update(stage=stage_idx, stage_name=stage.name, epoch=epoch + 1,
-                           global_epoch=stage_idx * spec.epochs + epoch + 1, total_epochs=total_epochs,
+                           global_epoch=stage_idx * passes + epoch + 1, total_epochs=total_epochs,
                            lr=optimizer.param_groups[0]["lr"], epoch_time_s=time.perf_counter() - t0)
             state = None
             if rank == 0:
@@ -271,7 +292,7 @@ def train_ensemble(spec: TrainSpec | dict[str, Any], *, device: torch.device | s
     if rank != 0:
         return TrainResult({}, history, None)
     final = _final_eval(setup, device)
-    state = make_state(setup, optimizer, len(stages) - 1, spec.epochs, history, finished=True)
+    state = make_state(setup, optimizer, len(stages) - 1, passes, history, finished=True)
     state["results"] = json.dumps(final)
     return TrainResult(final["metrics"], history, state, final)
 
@@ -294,6 +315,9 @@ def _epoch_eval(setup: RunSetup, stage: Any, device: torch.device) -> dict[str, 
     out["sel_clean_acc"] = r["acc"]
     for i, a in zip(members, r["member_acc"], strict=True):
         out[f"sel_member_acc_{i}"] = a
+    collapsed = [members[j] for j in collapsed_members(r["member_acc"])]
+    if collapsed:
+        out["member_collapse"] = collapsed
     setup.net.train()
     return out
 
@@ -308,6 +332,9 @@ def _final_eval(setup: RunSetup, device: torch.device) -> dict[str, Any]:
     setup.net.eval()
     extra = setup.method.results(setup.net, setup.test, device)
     return {"metrics": metrics, "method_results": extra, "combine": ens.combine,
+            "member_collapse": {"members": collapsed_members(r["member_acc"]), "gap": COLLAPSE_GAP,
+                                "rule": "a member whose clean accuracy is at least gap below the median of the "
+                                        "other members' on the test subset"},
             "test_subset": {"split": "report", "n": r["n"], "order": "random.seed(0) shuffle of the test split"}}
 
 
@@ -317,6 +344,9 @@ def _format_epoch(m: dict[str, Any]) -> str:
         if k in m:
             parts.append(f"{k} {m[k]:.4f}")
     parts.append(f"{m['epoch_time_s']:.1f}s")
+    if m.get("member_collapse"):
+        accs = ", ".join(f"{i}: {100 * m[f'sel_member_acc_{i}']:.1f} %" for i in m["member_collapse"])
+        parts.append(f"WARNING member collapse ({accs}, >= {100 * COLLAPSE_GAP:.0f} points below the others' median)")
     return " | ".join(parts)
 
 

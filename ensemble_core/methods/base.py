@@ -133,6 +133,7 @@ class Method(abc.ABC):
     Hyperparameters: ClassVar[type[Hyperparameters]] = NoHyperparameters
     default_combine: ClassVar[str] = "mean_logits"
     min_members: ClassVar[int] = 1
+    default_members: ClassVar[int] = 3  # a train spec's members when it gives none
     # DDP must search for unused parameters when some trainable parameter gets no gradient in a step.
     find_unused_parameters: ClassVar[bool] = False
 
@@ -213,4 +214,5 @@ class Method(abc.ABC):
             }
         return {"name": cls.name, "title": cls.title, "summary": cls.summary, "spec": cls.spec_file,
                 "default_combine": cls.default_combine, "min_members": cls.min_members,
+                "default_members": cls.default_members,
                 "hyperparameters": fields, "schema": schema}

@@ -84,6 +84,33 @@ def dkd_objective(logits: torch.Tensor, y: torch.Tensor, student_latents: list[t
     return (1.0 - zeta) * ce + zeta * diversity, terms
 
 
+def kd_objective(logits: torch.Tensor, y: torch.Tensor, predecessor_logits: list[torch.Tensor], zeta: float,
+                 temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The KD comparator's loss of one member (spec §2.8, KD; correction 2), Table III's "KD" ensemble.
+
+    * no predecessor: ``CE`` (Eq. 1, as DKD's M);
+    * predecessors P_i, |P_i| = i: ``(1 − ζ)·CE + Σ_{p∈P_i} (ζ/i)·T²·KL(softmax(z_p/T) ‖ softmax(z/T))``,
+
+    Eq. 4 with "pull towards the predecessors' softmax" in place of "push the latents apart"; T = 1 by default
+    (no temperature in the paper). KL is the batch mean of the per-sample sums; the predecessors' logits are
+    constants. Returns the loss and the named terms ``ce``, ``kl`` (mean over predecessors), ``kl_<p>``.
+    """
+    ce = F.cross_entropy(logits, y)
+    terms: dict[str, torch.Tensor] = {"ce": ce}
+    if not predecessor_logits:
+        return ce, terms
+    log_q = F.log_softmax(logits / temperature, dim=-1)
+    per_pred = []
+    for p, zp in enumerate(predecessor_logits):
+        log_p = F.log_softmax(zp.detach() / temperature, dim=-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
+        terms[f"kl_{p}"] = kl
+        per_pred.append(kl)
+    pull = torch.stack(per_pred).mean()  # weights ζ/i over i predecessors add up to ζ
+    terms["kl"] = pull
+    return (1.0 - zeta) * ce + zeta * pull, terms
+
+
 # ------------------------------------------------------------------------------- combine rules
 
 
@@ -257,6 +284,14 @@ class DKDHyperparameters(Hyperparameters):
     top_n: Literal[2, 3] = Field(
         2, description="n of the boosted vote DKD*: each member's top-n classes vote when top-1 has no "
                        "majority (spec §3.3, A7)")
+    objective: Literal["dkd", "kd"] = Field(
+        "dkd", description="'dkd' = Eq. 4, push each auxiliary's latent away from its predecessors' (cosine); 'kd' "
+                           "= the KD comparator of Table III: pull its softmax towards theirs, (1-ζ)·CE + "
+                           "ζ·mean_p T²·KL(softmax(z_p/T) ‖ softmax(z/T)) (spec §2.8, correction 2)")
+    kd_temperature: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="T of the 'kd' objective (spec §2.8: 1, the paper mentions no temperature; 20 or 100 = "
+                    "defensive distillation, correction 2); unused by 'dkd'")
     lss_samples: int = Field(
         2000, ge=0, le=10_000,
         description="test images (head of the report subset) whose latents enter the LSS diagnostic "
@@ -280,6 +315,9 @@ class DKD(Method):
     Hyperparameters = DKDHyperparameters
     default_combine = "boosted_vote_aux"
     min_members = 2
+    # M plus three auxiliaries: the deployed vote (over the auxiliaries, spec correction 1) has three voters, as
+    # every table of the paper (docs/methods/dkd.md, "Who votes")
+    default_members = 4
     find_unused_parameters = False  # one member trains per stage and CE reaches all its parameters
 
     def __init__(self, hp: Hyperparameters, *, members: int, num_classes: int, dataset: str,
@@ -313,6 +351,15 @@ class DKD(Method):
         """
         (student,) = net.trainable()
         parts = student.forward_parts(x)
+        if self.hp.objective == "kd":
+            with torch.no_grad():
+                p_logits = [p(x) for p in net.frozen()]
+            zeta = self.zeta if p_logits else 0.0
+            loss, terms = kd_objective(parts.logits, y, p_logits, zeta, self.hp.kd_temperature)
+            named = {k: v for k, v in terms.items() if not k.startswith("kl_")}
+            for pos, idx in enumerate(net.stage.frozen_members):
+                named[f"kl_{idx}"] = terms[f"kl_{pos}"]
+            return LossOutput(loss, named)
         s_lat = self.latents(parts)
         with torch.no_grad():
             p_lat = [self.latents(p.forward_parts(x)) for p in net.frozen()]
@@ -343,8 +390,11 @@ class DKD(Method):
             "zeta": self.zeta, "zeta_source": "hyperparameter" if self.hp.zeta is not None else
             f"spec §4 default for {self.dataset}", "latent": list(self.hp.latent), "abs_cos": self.hp.abs_cos,
             "top_n": self.hp.top_n, "include_main_in_vote": self.hp.include_main_in_vote,
-            "deployed_combine": self.combine(),
+            "deployed_combine": self.combine(), "objective": self.hp.objective,
+            "deployed_voters": self.n_members if self.hp.include_main_in_vote else max(self.n_members - 1, 1),
         }
+        if self.hp.objective == "kd":
+            out["kd_temperature"] = self.hp.kd_temperature
         out.update(ensemble_diagnostics(list(net.members), test, device, self.hp.latent, self.hp.top_n,
                                         self.hp.lss_samples, self.hp.abs_cos))
         return out

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 from torch import nn
 
 from ensemble_core.attacks import crafting_mode, stacked_member_pgd_linf
@@ -53,6 +53,9 @@ _DISTILL_DEFAULTS: dict[str, tuple[float, float, str]] = {
 }
 # The plus_adv PGD of both reference codes (DVERGE and LSD `--eps/--adv-eps`, `--alpha`, `--steps`).
 _ADV_DEFAULT = (8 / 255, 2 / 255)
+# Architectures whose every distillation layer but the last (the logits) is followed directly by a ReLU, so that
+# "post-ReLU features" = relu(raw layer output): the LSD LeNet's get_features (layers 1-4 after F.relu).
+POST_RELU_ARCHITECTURES = ("lenet5", "lenet5_classic", "dkd_mnist")
 
 
 def resolve_distillation(dataset: str, eps: float | None, step_size: float | None) -> tuple[float, float, str]:
@@ -131,9 +134,18 @@ def epoch_layer(ctx: StepContext, depth: int) -> int:
 # ------------------------------------------------------------------------------------ distillation
 
 
+def distill_features(member: nn.Module, layer: nn.Module, x: torch.Tensor, post_relu: bool = False) -> torch.Tensor:
+    """The features distillation matches: ``layer``'s raw output (pre-ReLU, DVERGE's ``before_relu=True``), or
+    its ReLU (``post_relu``: the LSD LeNet's ``get_features``, which applies ``F.relu`` after conv1, conv2, fc1
+    and the 64-d layer whatever ``before_relu`` says). The caller passes ``post_relu`` false for the logits."""
+    out = layer_output(member, layer, x)
+    return torch.relu(out) if post_relu else out
+
+
 def feature_distillation(members: list[nn.Module], layers: list[nn.Module], x: torch.Tensor,
                          target: torch.Tensor, eps: float, alpha: float, steps: int, momentum: float = 1.0,
-                         init_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                         init_noise: torch.Tensor | None = None,
+                         post_relu: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The feature distillation for every member at once: ``(N, B, *x.shape[1:])`` distilled images, detached.
 
     Member j moves x toward ``target``'s features at its layer ``layers[j]``: minimise
@@ -145,19 +157,21 @@ def feature_distillation(members: list[nn.Module], layers: list[nn.Module], x: t
     in [−1, 1] ``(N, B, ...)``: random start x + ε·noise (off in DVERGE). One ``autograd.grad`` per
     step serves every member (gradients to the inputs only). Also returns the named terms
     ``distill_dist0`` / ``distill_dist`` (mean squared feature distance at the first and last
-    iterate evaluated) for logging.
+    iterate evaluated) for logging. ``post_relu``: match the ReLU of each layer's output
+    (:func:`distill_features`).
     """
     n = len(members)
     x = x.detach()
     with torch.no_grad():
-        goal = [layer_output(m, layer, target).detach() for m, layer in zip(members, layers, strict=True)]
+        goal = [distill_features(m, layer, target, post_relu).detach()
+                for m, layer in zip(members, layers, strict=True)]
     xs = [x.clone() if init_noise is None else (x + eps * init_noise[j].to(x)).clamp(0, 1) for j in range(n)]
     acc = [torch.zeros_like(x) for _ in range(n)]
     first = last = torch.zeros((), device=x.device)
     for step in range(steps):
         for z in xs:
             z.requires_grad_(True)
-        dists = [(layer_output(m, layer, z) - t).pow(2).flatten(1).sum(1)
+        dists = [(distill_features(m, layer, z, post_relu) - t).pow(2).flatten(1).sum(1)
                  for m, layer, z, t in zip(members, layers, xs, goal, strict=True)]
         total = torch.stack([d.sum() for d in dists]).sum()
         grads = torch.autograd.grad(total, xs)
@@ -259,13 +273,23 @@ class DVERGEHyperparameters(Hyperparameters):
     plus_clean: bool = Field(False, description=(
         "add each member's clean CE(f_i(x), y) (this project's variant, not in the paper's code; keeps clean "
         "accuracy when training from scratch)"))
+    features: Literal["pre_relu", "post_relu"] = Field("pre_relu", description=(
+        "what the distillation matches at layers 1..depth-1: 'pre_relu' = the layer's raw output (DVERGE's code, "
+        "before_relu=True); 'post_relu' = its ReLU, as the LSD LeNet's get_features returns whatever before_relu "
+        "says (the DVERGE row of CLDL Table IV); the logits are raw either way. post_relu needs an architecture "
+        f"whose layers are each followed by a ReLU: {', '.join(POST_RELU_ARCHITECTURES)}"))
     start_from: Literal["scratch", "baseline"] = Field("scratch", description=(
         "'scratch' = DVERGE from random initialisations (the LSD code, used for the published MNIST/F-MNIST "
         "numbers; one stage); 'baseline' = a first stage of independent CE training (the baseline ensemble), "
         "then the DVERGE stage, as the DVERGE code starts from a trained baseline (doubles the epochs)"))
 
     @model_validator(mode="after")
-    def _check(self) -> DVERGEHyperparameters:
+    def _check(self, info: ValidationInfo) -> DVERGEHyperparameters:
+        ctx = info.context if isinstance(info.context, dict) else {}
+        arch = ctx.get("architecture")
+        if self.features == "post_relu" and arch is not None and arch not in POST_RELU_ARCHITECTURES:
+            raise ValueError(f"features: post_relu is defined for {', '.join(POST_RELU_ARCHITECTURES)}, not {arch} "
+                             "(its layers are not each followed by a ReLU)")
         if self.eps is not None and self.step_size is not None and self.step_size > self.eps:
             raise ValueError(f"step_size ({self.step_size}) must not exceed eps ({self.eps})")
         if self.adv_step_size > self.adv_eps:
@@ -297,6 +321,9 @@ class DVERGE(Method):
     def __init__(self, hp: DVERGEHyperparameters, **kwargs: Any) -> None:  # type: ignore[override]
         super().__init__(hp, **kwargs)
         self.hp: DVERGEHyperparameters = hp
+        if hp.features == "post_relu" and self.architecture not in POST_RELU_ARCHITECTURES:
+            raise ValueError(f"features: post_relu is defined for {', '.join(POST_RELU_ARCHITECTURES)}, "
+                             f"not {self.architecture}")
         eps, step, source = resolve_distillation(self.dataset, hp.eps, hp.step_size)
         if step > eps:
             raise ValueError(f"step_size: the resolved distillation step {step} exceeds eps {eps}")
@@ -361,10 +388,11 @@ class DVERGE(Method):
                                f"got {pool.shape[0]}: run W > 1 ranks under torch.distributed")
         x_target = pool[target_idx]
         noise = random_start_noise(ctx, b, n, tuple(x.shape[1:])) if hp.random_start else None
+        post_relu = hp.features == "post_relu" and layer < depth  # the logits are never rectified
         with crafting_mode(members, hp.distill_bn_mode):
             distilled, dterms = feature_distillation(
                 members, [ls[layer - 1] for ls in per_member_layers], x, x_target, dist_cfg.eps,
-                dist_cfg.step_size, dist_cfg.steps, hp.momentum, noise)
+                dist_cfg.step_size, dist_cfg.steps, hp.momentum, noise, post_relu=post_relu)
             x_adv = None
             if hp.plus_adv:
                 adv_noise = random_start_noise(ctx, b, n, tuple(x.shape[1:]))
@@ -426,6 +454,7 @@ class DVERGE(Method):
                              "depth": depth,
                              "layers": [f"{i + 1}:{type(m).__name__}" for i, m in enumerate(layers[0])]},
             "start_from": self.hp.start_from, "plus_adv": self.hp.plus_adv, "plus_clean": self.hp.plus_clean,
+            "features": self.hp.features,
         }
         n_img = min(len(test), 500)
         if n_img < 2:

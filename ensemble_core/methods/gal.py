@@ -51,18 +51,33 @@ def member_input_gradients(members: Sequence[nn.Module], x: torch.Tensor, y: tor
     return logits, [g.flatten(1) for g in grads]
 
 
-def pairwise_grad_cosines(grads: Sequence[torch.Tensor], eps: float = NORM_EPS) -> torch.Tensor:
+def pairwise_grad_cosines(grads: Sequence[torch.Tensor], eps: float = NORM_EPS,
+                          product_floor: float = 0.0) -> torch.Tensor:
     """Per-sample cosine of every member pair i<j (lexicographic): ``(B, P)``, P = N(N−1)/2.
 
-    Computed in float64, each norm floored at ``eps``; returned in the gradients' dtype.
+    Computed in float64, each norm floored at ``eps``; returned in the gradients' dtype. With
+    ``product_floor`` > 0 the denominator is ``max(‖g_i‖·‖g_j‖, product_floor)``: the cosine of
+    ``F.cosine_similarity`` in torch ≤ 1.11 (``x·y / max(‖x‖‖y‖, ε)``), which shrinks the cosine of samples
+    whose gradients are small (see :func:`torch19_product_floor`).
     """
     dtype = grads[0].dtype
     g = torch.stack(list(grads), 1).double()  # (B, N, D)
     gram = g @ g.transpose(1, 2)
     norms = torch.linalg.vector_norm(g, dim=2).clamp_min(eps)
-    cos = gram / (norms.unsqueeze(2) * norms.unsqueeze(1))
+    denominator = norms.unsqueeze(2) * norms.unsqueeze(1)
+    if product_floor > 0.0:
+        denominator = denominator.clamp_min(product_floor)
+    cos = gram / denominator
     i, j = torch.triu_indices(len(grads), len(grads), offset=1, device=cos.device)
     return cos[:, i, j].to(dtype)
+
+
+def torch19_product_floor(cos_eps: float, global_batch: int) -> float:
+    """The ``product_floor`` on per-sample gradients that reproduces ``F.cosine_similarity(eps=cos_eps)`` (torch
+    ≤ 1.11) applied, as the LSD, DVERGE and TRS reference codes apply it, to the input gradients of the
+    *batch-mean* CE, i.e. to each sample's own gradient divided by the batch size B:
+    ``(g_i/B)·(g_j/B) / max(‖g_i/B‖‖g_j/B‖, ε) = g_i·g_j / max(‖g_i‖‖g_j‖, ε·B²)``. 0 when ``cos_eps`` is 0."""
+    return cos_eps * float(global_batch) ** 2
 
 
 def gal_coherence(cos: torch.Tensor) -> torch.Tensor:
@@ -120,6 +135,12 @@ class GALHyperparameters(Hyperparameters):
     ce_reduction: Literal["sum", "mean"] = Field(
         "sum", description="members' CEs summed (the TRS repository's GAL trainer) or averaged (the DVERGE and "
                            "LSD repositories); with 'mean' λ weighs N times more against the CE")
+    cos_eps: float = Field(
+        0.0, ge=0.0, le=1e-2,
+        description="ε of the reference codes' F.cosine_similarity (torch <= 1.11: x·y / max(‖x‖‖y‖, ε)) on the input "
+                    "gradients of the batch-mean CE: the cosine's denominator becomes max(‖g_i‖‖g_j‖, ε·B²) for "
+                    "per-sample gradients g and global batch B, which damps samples with small gradients. 0 = the "
+                    "exact cosine (ours); 1e-8 = the LSD code (torch 1.9) behind CLDL Table IV")
 
 
 @register_method
@@ -150,7 +171,7 @@ class GAL(Method):
         logits, grads = member_input_gradients(members, x, y, create_graph=True)
         ces = torch.stack([F.cross_entropy(z, y) for z in logits])
         ce = reduce_ce(ces, hp.ce_reduction)
-        cos = pairwise_grad_cosines(grads)
+        cos = pairwise_grad_cosines(grads, product_floor=torch19_product_floor(hp.cos_eps, ctx.global_batch_size))
         coh = gal_coherence(cos)
         terms: dict[str, torch.Tensor] = {"ce": ce, "coherence": coh, "grad_cos": cos.mean(),
                                           **{f"ce_{i}": c for i, c in zip(ids, ces, strict=True)}}

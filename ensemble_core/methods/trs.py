@@ -41,6 +41,7 @@ from ensemble_core.methods.gal import (
     member_input_gradients,
     pairwise_grad_cosines,
     reduce_ce,
+    torch19_product_floor,
 )
 
 L2_FLOOR = 1e-30  # ‖g‖₂ = sqrt(max(‖g‖², floor)): finite derivatives at an exactly zero gradient
@@ -82,6 +83,12 @@ class TRSHyperparameters(Hyperparameters):
                              "BatchNorm running statistics are restored afterwards) or eval")
     ce_reduction: Literal["sum", "mean"] = Field(
         "sum", description="members' CEs summed (released code) or averaged (the LSD re-implementation)")
+    cos_eps: float = Field(
+        0.0, ge=0.0, le=1e-2,
+        description="ε of the reference codes' F.cosine_similarity (torch <= 1.11: x·y / max(‖x‖‖y‖, ε)) on the input "
+                    "gradients of the batch-mean CE: the similarity's denominator becomes max(‖g_i‖‖g_j‖, ε·B²) for "
+                    "per-sample gradients g and global batch B. 0 = the exact cosine (ours); 1e-8 = the LSD code "
+                    "(torch 1.9) behind CLDL Table IV")
 
     @field_validator("anneal_epochs")
     @classmethod
@@ -172,7 +179,7 @@ class TRS(Method):
         logits, grads = member_input_gradients(members, x, y, create_graph=True)
         ces = torch.stack([F.cross_entropy(z, y) for z in logits])
         ce = reduce_ce(ces, hp.ce_reduction)
-        cos = pairwise_grad_cosines(grads)  # (B, P)
+        cos = pairwise_grad_cosines(grads, product_floor=torch19_product_floor(hp.cos_eps, ctx.global_batch_size))
         similarity = cos.abs().mean()
         loss = ce + hp.lambda_a * similarity
         terms: dict[str, torch.Tensor] = {"ce": ce, "similarity": similarity, "grad_cos": cos.detach().mean(),

@@ -291,6 +291,7 @@ def test_train_local_writes_loadable_ensemble_with_results(tmp_path: Any, capsys
     assert mr["zeta"] == 0.9 and mr["zeta_source"].startswith("spec §4")
     assert mr["deployed_combine"] == "boosted_vote_aux" and mr["n"] == 256
     assert set(mr["vote"]) == {"all_members", "auxiliaries"} and mr["vote"]["auxiliaries"]["voters"] == 2
+    assert mr["deployed_voters"] == 2  # SPEC sets 3 members: the ablation with two (unanimous) voters
     assert set(mr["lss"]["features"]["pairs"]) == {"0-1", "0-2", "1-2"}
     assert mr["lss"]["features"]["n_samples"] == 128 and len(mr["lss"]["features"]["one_vs_rest"]) == 3
     assert len(mr["latent_cosine"]) == 3 and mr["latent_cosine"][0][0] == pytest.approx(1.0, abs=1e-5)
@@ -495,14 +496,15 @@ def test_member_count_constraint_and_resolved_spec() -> None:
         TrainSpec.model_validate({"method": "dkd", "members": 1})
     spec = TrainSpec.model_validate({"method": "dkd", "members": 2, "hyperparameters": {"latent": ["rep"]}})
     assert spec.hyperparameters == {"zeta": None, "latent": ["rep"], "abs_cos": False,
-                                    "include_main_in_vote": False, "top_n": 2, "lss_samples": 2000}
+                                    "include_main_in_vote": False, "top_n": 2, "objective": "dkd",
+                                    "kd_temperature": 1.0, "lss_samples": 2000}
 
 
 def test_described_for_get_v1_methods() -> None:
     (d,) = [m for m in describe_methods() if m["name"] == "dkd"]
-    assert d["default_combine"] == "boosted_vote_aux" and d["min_members"] == 2
+    assert d["default_combine"] == "boosted_vote_aux" and d["min_members"] == 2 and d["default_members"] == 4
     assert set(d["hyperparameters"]) == {"zeta", "latent", "abs_cos", "include_main_in_vote", "top_n",
-                                         "lss_samples"}
+                                         "objective", "kd_temperature", "lss_samples"}
     assert all(v["description"] for v in d["hyperparameters"].values())
     assert "0.9" in d["hyperparameters"]["zeta"]["description"]
 

@@ -420,7 +420,9 @@ def test_describe_lists_every_hyperparameter_with_its_default() -> None:
     assert d["default_combine"] == "mean_probs" and d["min_members"] == 2
     hp = d["hyperparameters"]
     assert set(hp) == {"eps", "step_size", "steps", "momentum", "random_start", "layer", "distill_bn_mode",
-                       "coeff", "plus_adv", "adv_eps", "adv_step_size", "adv_steps", "plus_clean", "start_from"}
+                       "coeff", "plus_adv", "adv_eps", "adv_step_size", "adv_steps", "plus_clean", "start_from",
+                       "features"}
+    assert hp["features"]["default"] == "pre_relu" and hp["features"]["enum"] == ["pre_relu", "post_relu"]
     assert hp["steps"]["default"] == 10 and hp["momentum"]["default"] == 1.0 and hp["layer"]["default"] is None
     assert hp["random_start"]["default"] is False and hp["start_from"]["default"] == "scratch"
     assert hp["adv_eps"]["default"] == pytest.approx(8 / 255)

@@ -185,9 +185,10 @@ def test_describe() -> None:
     d = next(m for m in describe_methods() if m["name"] == "gal")
     assert d["default_combine"] == "mean_probs" and d["min_members"] == 2 and d["title"] and d["summary"]
     hps = d["hyperparameters"]
-    assert set(hps) == {"lam", "ce_reduction"}
+    assert set(hps) == {"lam", "ce_reduction", "cos_eps"}
+    assert hps["cos_eps"]["default"] == 0.0 and hps["cos_eps"]["maximum"] == 1e-2
     assert hps["lam"]["default"] == 0.5 and hps["lam"]["minimum"] == 0.0 and hps["lam"]["maximum"] == 100.0
     assert hps["ce_reduction"]["default"] == "sum" and hps["ce_reduction"]["enum"] == ["sum", "mean"]
     assert all(h["description"] for h in hps.values())
     spec = TrainSpec.model_validate({"method": "gal"})
-    assert spec.resolved()["hyperparameters"] == {"lam": 0.5, "ce_reduction": "sum"}
+    assert spec.resolved()["hyperparameters"] == {"lam": 0.5, "ce_reduction": "sum", "cos_eps": 0.0}

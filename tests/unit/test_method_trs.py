@@ -237,7 +237,8 @@ def test_describe() -> None:
     assert d["default_combine"] == "mean_probs" and d["min_members"] == 2 and d["title"] and d["summary"]
     hps = d["hyperparameters"]
     assert set(hps) == {"lambda_a", "lambda_b", "smooth_norm", "grad_scale", "smooth_points", "init_eps",
-                        "adv_eps", "anneal_epochs", "pgd_steps", "pgd_step_ratio", "craft_bn_mode", "ce_reduction"}
+                        "adv_eps", "anneal_epochs", "pgd_steps", "pgd_step_ratio", "craft_bn_mode", "ce_reduction",
+                        "cos_eps"}
     assert (hps["lambda_a"]["default"], hps["lambda_b"]["default"]) == (10.0, 10.0)
     assert (hps["init_eps"]["default"], hps["adv_eps"]["default"], hps["pgd_steps"]["default"]) == (0.1, 0.2, 6)
     assert hps["smooth_points"]["enum"] == ["half_pgd", "pgd", "clean"]

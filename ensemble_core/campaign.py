@@ -1,0 +1,830 @@
+"""Resumable experiment campaigns: a declared grid of (configuration, data set, training seed) units.
+
+    python -m ensemble_core.campaign cldl-table4 --phase train --commit   # or: robust-ensembles campaign ...
+    python -m ensemble_core.campaign cldl-table4 --status
+    python -m ensemble_core.campaign cldl-table4 --phase eval             # after training, any machine
+    python -m ensemble_core.campaign cldl-table4 --report                 # docs/results/<name>/README.md
+
+A campaign names its rows (named configurations, :mod:`ensemble_core.configurations`), one training
+recipe, its training seeds, its transfer surrogates and the paper's table it is compared with. It is
+split into *units*:
+
+* a **training unit** trains one ensemble (``runs/campaign/<name>/<unit>/``, a checkpoint every epoch, so
+  an interrupted unit resumes from its last epoch) and, once finished, writes its record
+  ``docs/results/<name>/train/<unit>.json`` and its members-only checkpoint
+  ``docs/results/<name>/checkpoints/<unit>.pt`` into the repository (``--commit`` commits exactly these
+  two files). A later session, from a fresh clone without ``runs/``, re-evaluates from them without
+  retraining; a unit whose record exists (same declared spec) is skipped.
+* an **evaluation unit** attacks one trained target with the campaign's surrogates (the 3- and 5-member
+  baselines, and a same-method surrogate: the row's own configuration with the next training seed). Its
+  record ``docs/results/<name>/eval/<unit>.json`` is keyed by a fingerprint of the evaluation code, the
+  evaluation spec and the checkpoints' hashes: changed evaluation code re-runs the evaluation, never the
+  training.
+
+Order: seed 0 of every row (and the surrogates) first, cheapest first, then the next seed. One progress
+line per unit with an ETA. The same grid runs on a GPU (``--device auto``); the device never enters a
+unit's key. Records hold per-example outcomes compressed (packed bits, base64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ensemble_core.configurations import configuration, recipe, train_spec
+
+TRAIN_FORMAT = "robust-ensembles/campaign-train-v1"
+EVAL_FORMAT = "robust-ensembles/campaign-eval-v1"
+# Per-step cost of each counted primitive relative to one member's forward+backward (``Method.step_cost``),
+# calibrated on this project's 2-core CPU measurements (issue 21: 3 x LeNet-5 baseline step 41 ms; GAL,
+# CLDL about 3x; TRS with half-PGD points about 12x; DVERGE about 16x).
+COST_WEIGHTS = {"fwd": 1 / 3, "fwd_bwd": 1.0, "input_grad": 1.3, "double": 3.0}
+PRIOR_S_PER_COST = 0.041 / 3  # seconds per unit of cost on that CPU, one thread
+# Forward cost of an architecture relative to lenet5 (multiply-adds of one image: lenet5 2.3 M, dkd_mnist 9.9 M,
+# lenet5_classic 0.4 M); the step costs above are for a batch of 128.
+ARCH_COST = {"lenet5": 1.0, "dkd_mnist": 4.3, "lenet5_classic": 0.2}
+# The evaluation code whose change re-runs evaluation units (and only them).
+EVAL_CODE = ("ensemble_core/evaluation", "ensemble_core/attacks.py", "ensemble_core/ensemble.py")
+
+
+# ------------------------------------------------------------------------------------------ declaration
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the paper's table: a named configuration, the paper's column it is compared with."""
+
+    key: str
+    configuration: str
+    label: str
+    paper_column: str | None = None
+
+
+@dataclass(frozen=True)
+class SurrogateDecl:
+    key: str
+    configuration: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class Campaign:
+    name: str
+    title: str
+    recipe: str
+    rows: tuple[Row, ...]
+    seeds: tuple[int, ...]
+    surrogates: tuple[SurrogateDecl, ...]
+    same_method_surrogate: bool = True
+    eval_subset: int = 9000  # clean accuracy of every unit on the whole report subset
+    overrides: dict[str, Any] = field(default_factory=dict)  # train-spec fields replacing the recipe's
+    paper: dict[str, Any] = field(default_factory=dict)  # the paper's table: see CLDL_TABLE_IV
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainUnit:
+    id: str
+    campaign: str
+    configuration: str
+    seed: int
+    role: str  # "target" or "surrogate"
+    row: str
+    spec: dict[str, Any]  # declared (unresolved) train spec
+
+    @property
+    def digest(self) -> str:
+        return digest(self.spec)
+
+
+@dataclass(frozen=True)
+class EvalUnit:
+    id: str
+    target: TrainUnit
+    surrogates: tuple[tuple[str, TrainUnit], ...]  # (name shown in the records, unit)
+
+
+# CLDL Table IV (spec cldl §7): MNIST, N = 3 LeNet-5, transfer robust accuracy (%) among clean-correct images,
+# worst case over 2 surrogates x 2 losses x 3 seeds, 9,000-image report subset.
+_T4 = {
+    "ADP": {"BIM": [90.18, 60.38, 23.23, 5.32], "FGSM": [93.29, 79.58, 52.99, 27.38],
+            "MIM": [90.21, 63.05, 24.69, 5.58], "PGD": [89.66, 56.83, 19.42, 3.06]},
+    "GAL": {"BIM": [87.34, 55.61, 28.5, 11.06], "FGSM": [90.77, 69.94, 47.35, 30.13],
+            "MIM": [85.82, 53.72, 27.49, 10.64], "PGD": [84.87, 47.69, 21.69, 6.44]},
+    "DVERGE": {"BIM": [90.24, 61.21, 21.17, 2.53], "FGSM": [93.51, 80.75, 55.98, 27.78],
+               "MIM": [90.52, 63.67, 23.88, 3.16], "PGD": [89.82, 57.86, 17.32, 1.05]},
+    "TRS": {"BIM": [92.5, 76.63, 46.16, 17.42], "FGSM": [94.55, 86.21, 70.64, 48.1],
+            "MIM": [92.31, 76.81, 46.83, 16.58], "PGD": [91.91, 73.01, 39.19, 11.71]},
+    "CLDL(3,4,4)": {"BIM": [94.48, 85.64, 65.11, 32.81], "FGSM": [95.43, 89.82, 78.39, 57.51],
+                    "MIM": [94.25, 85.31, 65.1, 30.44], "PGD": [93.75, 83.5, 58.94, 24.81]},
+    "CLDL(3,2,1)": {"BIM": [94.22, 81.42, 51.59, 22.95], "FGSM": [95.5, 88.56, 72.73, 46.77],
+                    "MIM": [94.07, 81.56, 51.33, 21.34], "PGD": [93.84, 78.92, 46.91, 16.65]},
+    # not in Table IV: CLDL(3,0,0) of Table VI, the closest the paper comes to a baseline
+    "CLDL(3,0,0), Table VI": {"BIM": [89.83, 60.81, 28.04, 9.8], "FGSM": [92.76, 76.59, 47.47, 26.68],
+                              "MIM": [89.73, 61.41, 28.23, 9.39], "PGD": [88.99, 57.23, 23.88, 6.54]},
+}
+CLDL_TABLE_IV = {"table": "CLDL Table IV (MNIST, N = 3 LeNet-5)", "eps": [0.1, 0.15, 0.2, 0.25],
+                 "metric": "transfer robust accuracy (%) among the target's clean-correct images, worst case "
+                           "over 12 transfer sets (2 baseline surrogates x CE/CW x 3 seeds), 9,000 report images",
+                 "columns": _T4}
+
+CAMPAIGNS: dict[str, Campaign] = {c.name: c for c in [
+    Campaign(
+        "cldl-table4", "CLDL Table IV (MNIST): the comparison rows at the LSD code's budget", "lsd-mnist",
+        rows=(Row("baseline", "baseline", "Baseline (3 x CE)"),
+              Row("adp", "adp-lsd", "ADP (LSD)", "ADP"),
+              Row("gal", "gal-lsd", "GAL (LSD)", "GAL"),
+              Row("trs", "trs-lsd", "TRS (LSD)", "TRS"),
+              Row("dverge", "dverge-lsd", "DVERGE (LSD)", "DVERGE"),
+              Row("cldl-3-4-4", "cldl-3-4-4", "CLDL(3,4,4)", "CLDL(3,4,4)"),
+              Row("cldl-3-2-1", "cldl-3-2-1", "CLDL(3,2,1)", "CLDL(3,2,1)")),
+        seeds=(0, 1, 2),
+        surrogates=(SurrogateDecl("surrogate-b3", "baseline", 100), SurrogateDecl("surrogate-b5", "baseline-5", 101)),
+        paper=CLDL_TABLE_IV,
+        notes=("Budget: the full 60k MNIST training set, 20 + 1 passes (the LSD code's range(0, epochs + 1)), batch "
+               "128 with the last partial batch kept (469 steps per pass), Adam lr 1e-3, eps 1e-7, weight decay "
+               "1e-4, no decay, random horizontal flip (spec cldl §3, A12). Every row and both surrogates alike.",)),
+    Campaign(
+        "dkd-table3", "DKD Table III (MNIST): DKD against its comparators on the Table I network", "dkd-mnist",
+        rows=(Row("dkd", "dkd-3voters", "DKD* (M + 3 auxiliaries, 3 voters)", "DKD*"),
+              Row("kd", "kd-3voters", "KD* (sequential KD, 3 voters)", "KD*"),
+              Row("ri", "ri-3", "RI* (3 independent members, boosted vote)", "RI*")),
+        seeds=(0, 1, 2),
+        surrogates=(SurrogateDecl("surrogate-lenet", "lenet-surrogate", 100),
+                    SurrogateDecl("surrogate-b3", "baseline", 101)),
+        overrides={"epochs": 10},
+        paper={"table": "DKD Table III (MNIST, surrogate LeNet)", "eps": [0.04, 0.08, 0.1],
+               "metric": "ensemble accuracy under transfer FGSM (all 10,000 test images, not conditional)",
+               "columns": {"KD*": {"FGSM": [95.55, 92.49, 89.4], "clean": 96.14},
+                           "DKD*": {"FGSM": [98.46, 96.29, 93.95], "clean": 98.84},
+                           "RI*": {"FGSM": [96.44, 93.41, 90.71], "clean": 97.26}}},
+        notes=("Budget: the paper's recipe (Adam 1e-4, batch 64, Table I network dkd_mnist) at 10 epochs per member "
+               "instead of 100 (4 sequential members x 100 epochs does not fit the shared CPU); stated wherever a "
+               "figure is quoted.",)),
+]}
+
+
+def get_campaign(name: str) -> Campaign:
+    if name not in CAMPAIGNS:
+        raise ValueError(f"unknown campaign {name!r}; expected one of {', '.join(sorted(CAMPAIGNS))}")
+    return CAMPAIGNS[name]
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def digest(obj: Any, n: int = 12) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def pack_bits(values: Sequence[bool] | Any) -> str:
+    """Booleans as base64 of their packed bits (8 per byte, first value in the high bit)."""
+    vals = [bool(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+    out = bytearray((len(vals) + 7) // 8)
+    for i, v in enumerate(vals):
+        if v:
+            out[i // 8] |= 0x80 >> (i % 8)
+    return base64.b64encode(bytes(out)).decode()
+
+
+def unpack_bits(text: str, n: int) -> list[bool]:
+    raw = base64.b64decode(text)
+    if len(raw) != (n + 7) // 8:
+        raise ValueError(f"{len(raw)} bytes cannot hold exactly {n} packed values")
+    return [bool(raw[i // 8] & (0x80 >> (i % 8))) for i in range(n)]
+
+
+def compress_json(obj: Any) -> str:
+    return base64.b64encode(zlib.compress(json.dumps(obj, sort_keys=True).encode(), 9)).decode()
+
+
+def decompress_json(text: str) -> Any:
+    return json.loads(zlib.decompress(base64.b64decode(text)))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _project_root() -> Path:
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").exists() else Path.cwd()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+
+
+def git_commit(root: Path, paths: Sequence[Path], message: str, log: Callable[[str], None] = print,
+               attempts: int = 60) -> bool:
+    """Commit exactly ``paths`` (``git add`` + ``git commit --only``), retrying while the index is locked.
+
+    Others' staged changes are left out of the commit (``--only``). Returns whether a commit was made.
+    """
+    rel = [str(Path(p).resolve().relative_to(root.resolve())) for p in paths]
+    for i in range(attempts):
+        add = _git(root, "add", "--", *rel)
+        if add.returncode == 0:
+            com = _git(root, "commit", "--only", "-m", message, "--", *rel)
+            if com.returncode == 0:
+                return True
+            out = com.stdout + com.stderr
+            if "nothing to commit" in out or "no changes added" in out:
+                return False
+            err = out
+        else:
+            err = add.stderr
+        if "index.lock" not in err:
+            log(f"git commit of {', '.join(rel)} failed: {err.strip()[:300]}")
+            return False
+        time.sleep(min(2 + i, 10))
+    log(f"git commit of {', '.join(rel)} gave up: the index stayed locked")
+    return False
+
+
+# -------------------------------------------------------------------------------------------- units
+
+
+def train_units(c: Campaign) -> list[TrainUnit]:
+    """Every training unit of the campaign in run order: per seed (in the declared order) the rows and, with
+    the first seed, the surrogates, cheapest first."""
+    units_by_seed: dict[int, list[TrainUnit]] = {s: [] for s in c.seeds}
+    overrides = {"eval_subset": c.eval_subset, **c.overrides}
+    for s in c.seeds:
+        for row in c.rows:
+            units_by_seed[s].append(TrainUnit(f"{row.key}-s{s}", c.name, row.configuration, s, "target", row.key,
+                                              train_spec(row.configuration, recipe_name=c.recipe, seed=s,
+                                                         overrides=overrides)))
+    sur = [TrainUnit(f"{d.key}-s{d.seed}", c.name, d.configuration, d.seed, "surrogate", d.key,
+                     train_spec(d.configuration, recipe_name=c.recipe, seed=d.seed, overrides=overrides))
+           for d in c.surrogates]
+    ordered: list[TrainUnit] = []
+    for i, s in enumerate(c.seeds):
+        group = units_by_seed[s] + (sur if i == 0 else [])
+        ordered += sorted(group, key=lambda u: (estimate_cost(u.spec), u.id))
+    ids = [u.id for u in ordered]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"campaign {c.name}: duplicate unit ids")
+    return ordered
+
+
+def eval_units(c: Campaign) -> list[EvalUnit]:
+    """One evaluation unit per target: surrogates = the declared ones, plus the same-method surrogate (the
+    row's configuration at the next declared seed, never the target's own weights)."""
+    by_id = {u.id: u for u in train_units(c)}
+    out = []
+    for s_i, s in enumerate(c.seeds):
+        for row in c.rows:
+            target = by_id[f"{row.key}-s{s}"]
+            surs = [(f"{d.key} (seed {d.seed})", by_id[f"{d.key}-s{d.seed}"]) for d in c.surrogates]
+            if c.same_method_surrogate and len(c.seeds) > 1:
+                other = c.seeds[(s_i + 1) % len(c.seeds)]
+                surs.append((f"same-method {row.key} (seed {other})", by_id[f"{row.key}-s{other}"]))
+            out.append(EvalUnit(target.id, target, tuple(surs)))
+    return out
+
+
+def estimate_cost(spec: dict[str, Any]) -> float:
+    """Relative compute of a training unit: Σ over stages of passes × steps × weighted ``step_cost``."""
+    from ensemble_core.data import DATASET_INFO
+    from ensemble_core.methods import get_method
+    from ensemble_core.spec import TRAIN_SPLIT_SIZES, TrainSpec
+
+    ts = TrainSpec.model_validate(spec)
+    info = DATASET_INFO[ts.dataset]
+    m = get_method(ts.method).from_spec_dict(ts.hyperparameters, members=ts.members, num_classes=info.num_classes,
+                                             dataset=ts.dataset, architecture=ts.architecture)
+    n = ts.train_subset or TRAIN_SPLIT_SIZES.get(ts.dataset, 50_000) - ts.val_size
+    steps = math.ceil(n / ts.batch_size) if not ts.drop_last else n // ts.batch_size
+    per_step = sum(sum(COST_WEIGHTS.get(k, 1.0) * v for k, v in m.step_cost(st).items()) for st in m.stages())
+    return per_step * steps * ts.passes * ARCH_COST.get(ts.architecture, 1.0) * ts.batch_size / 128
+
+
+# ------------------------------------------------------------------------------------------- paths
+
+
+@dataclass
+class Paths:
+    root: Path
+    results: Path  # docs/results/<campaign>
+    runs: Path  # runs/campaign/<campaign>
+
+    @classmethod
+    def of(cls, c: Campaign, root: Path | None = None, results_dir: str | Path | None = None,
+           runs_dir: str | Path | None = None) -> Paths:
+        root = root or _project_root()
+        results = Path(results_dir) if results_dir else root / "docs" / "results"
+        runs = Path(runs_dir) if runs_dir else root / "runs" / "campaign"
+        return cls(root, results / c.name, runs / c.name)
+
+    def train_record(self, unit_id: str) -> Path:
+        return self.results / "train" / f"{unit_id}.json"
+
+    def checkpoint(self, unit_id: str) -> Path:
+        return self.results / "checkpoints" / f"{unit_id}.pt"
+
+    def eval_record(self, unit_id: str) -> Path:
+        return self.results / "eval" / f"{unit_id}.json"
+
+    def run_dir(self, unit_id: str) -> Path:
+        return self.runs / unit_id
+
+    def rel(self, p: Path) -> str:
+        try:
+            return str(p.resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return str(p)
+
+
+def train_done(paths: Paths, unit: TrainUnit) -> bool:
+    rec = paths.train_record(unit.id)
+    if not rec.exists() or not paths.checkpoint(unit.id).exists():
+        return False
+    return json.loads(rec.read_text()).get("declared_digest") == unit.digest
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def _machine(device: str) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _git_head(root: Path) -> dict[str, Any]:
+    head = _git(root, "rev-parse", "HEAD")
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", "ensemble_core")
+    return {"commit": head.stdout.strip() or None, "ensemble_core_dirty": bool(dirty.stdout.strip())}
+
+
+def _round(obj: Any, digits: int = 6) -> Any:
+    if isinstance(obj, float):
+        return round(obj, digits) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _round(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v, digits) for v in obj]
+    return obj
+
+
+def clean_outcomes(checkpoint: Path, dataset: str, data_dir: str | None = None, device: str = "cpu",
+                   n: int | None = None) -> dict[str, Any]:
+    """Per-example clean outcomes of a checkpoint on the PROTOCOL report subset (all 9,000 images unless ``n``):
+    deployed-rule correctness, abstentions and each member's correctness, as packed bits."""
+    import torch
+
+    from ensemble_core.checkpoint import load_ensemble
+    from ensemble_core.data import iterate_eval, load_dataset, test_subset
+
+    ens = load_ensemble(checkpoint, device=device)
+    test = test_subset(load_dataset(dataset, "test", data_dir), "report", n=n)
+    correct, abstain, members = [], [], []
+    with torch.no_grad():
+        for x, y in iterate_eval(test, 500, device):
+            z = ens.member_logits(x)
+            pred = ens.rule.predict_labels(z)
+            correct.append((pred == y).cpu())
+            abstain.append((pred < 0).cpu())
+            members.append((z.argmax(-1) == y).cpu())
+    c, a, m = torch.cat(correct), torch.cat(abstain), torch.cat(members, 1)
+    k = int(m.shape[0])
+    return {"subset": "PROTOCOL report subset (test indices after the 1,000-image selection subset of the "
+                      "random.seed(0) shuffle)" + (f", first {len(test)}" if n else ", all of it"),
+            "n": len(test), "combine": ens.combine, "acc": float(c.float().mean()),
+            "abstain_rate": float(a.float().mean()), "member_acc": [float(m[i].float().mean()) for i in range(k)],
+            "correct_bits": pack_bits(c), "abstain_bits": pack_bits(a),
+            "member_correct_bits": [pack_bits(m[i]) for i in range(k)]}
+
+
+def run_train_unit(unit: TrainUnit, paths: Paths, *, device: str = "cpu", commit: bool = False,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one unit (resuming from ``runs/``), then write its record and members-only checkpoint."""
+    from ensemble_core.checkpoint import load_checkpoint, save_checkpoint
+    from ensemble_core.spec import TrainSpec
+    from ensemble_core.training import train_local
+
+    resolved = TrainSpec.model_validate(unit.spec).resolved()
+    out = paths.run_dir(unit.id)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "declared_spec.json").write_text(json.dumps(unit.spec, indent=1, sort_keys=True))
+    started = time.time()
+    result, final = train_local(resolved, out, resume=True, progress=False, device=device,
+                                log=lambda m: log(f"    {unit.id}: {m}"))
+    state = load_checkpoint(final)
+    slim = {k: v for k, v in state.items() if k != "optimizer"}
+    slim["optimizer"] = None  # the members and auxiliary modules are all evaluation needs
+    ckpt = save_checkpoint(slim, paths.checkpoint(unit.id))
+    clean = clean_outcomes(ckpt, resolved["dataset"], resolved.get("data_dir"), device)
+    history = result.history
+    keep = ("epoch", "stage", "stage_name", "global_epoch", "lr", "epoch_time_s", "sel_clean_acc", "val_clean_acc",
+            "member_collapse")
+    hist = [{k: v for k, v in h.items() if k in keep or k.startswith(("train_", "sel_member_acc_"))} for h in history]
+    train_time = sum(float(h.get("epoch_time_s", 0.0)) for h in history)
+    record = {
+        "format": TRAIN_FORMAT, "campaign": unit.campaign, "unit": unit.id, "role": unit.role, "row": unit.row,
+        "configuration": unit.configuration, "configuration_title": configuration(unit.configuration).title,
+        "seed": unit.seed, "declared_spec": unit.spec, "declared_digest": unit.digest, "resolved_spec": resolved,
+        "checkpoint": {"path": paths.rel(ckpt), "sha256": _sha256(ckpt), "bytes": ckpt.stat().st_size,
+                       "content": "members and auxiliary modules, no optimizer state"},
+        "train_time_s": round(train_time, 1),
+        "train_time_note": "sum of the epochs' training time over every (resumed) run; excludes per-epoch "
+                           "monitoring on the 1,000-image selection subset",
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "last_run_wall_s": round(time.time() - started, 1),
+        "machine": _machine(device), "code": _git_head(paths.root),
+        "final_metrics": _round(result.metrics), "clean": clean, "history": _round(hist, 5),
+        "method_results": _round(result.results.get("method_results", {})),
+    }
+    rec_path = paths.train_record(unit.id)
+    _atomic_write(rec_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    if commit:
+        git_commit(paths.root, [rec_path, ckpt],
+                   f"campaign {unit.campaign}: {unit.id} trained ({record['configuration']}, seed {unit.seed}, "
+                   f"clean {100 * clean['acc']:.2f} %)", log)
+    return record
+
+
+# -------------------------------------------------------------------------------------- evaluation
+
+
+def evaluation_code_digest(root: Path | None = None) -> str:
+    """Hash of the evaluation code (:data:`EVAL_CODE`, in the source tree this module is loaded from): its change
+    re-runs evaluation units."""
+    if root is None:
+        try:  # the evaluation's own fingerprint of its code, when the evaluation provides one
+            from ensemble_core.evaluation.codeversion import evaluation_code_fingerprint  # type: ignore[import-not-found]
+
+            return str(evaluation_code_fingerprint())[:16]
+        except ImportError:
+            pass
+    root = root or Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for entry in EVAL_CODE:
+        p = root / entry
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def campaign_evaluation_spec(dataset: str, checkpoint: str, *, quick: bool = False,
+                             transfer_examples: int | None = None, wb_examples: int | None = None
+                             ) -> dict[str, Any]:
+    """The evaluation spec of one campaign target: the lead's ``reproduce.evaluation_spec`` when it exists,
+    else an adapter over the current ``reproduce.eval_spec`` (PROTOCOL transfer set on a seeded report slice,
+    white-box PGD-50). The one place to swap when the new suite lands."""
+    from ensemble_core import reproduce
+
+    fn = getattr(reproduce, "evaluation_spec", None)
+    if fn is not None:
+        return fn(dataset=dataset, checkpoint=checkpoint, quick=quick, transfer_examples=transfer_examples,
+                  wb_examples=wb_examples)
+    args = argparse.Namespace(dataset=dataset, quick=quick, autoattack=False, wb_examples=wb_examples,
+                              transfer_examples=transfer_examples)
+    return reproduce.eval_spec(args, checkpoint)
+
+
+def eval_fingerprint(unit: EvalUnit, paths: Paths, spec_template: dict[str, Any]) -> str:
+    shas = {"target": _sha256(paths.checkpoint(unit.target.id))}
+    for name, s in unit.surrogates:
+        shas[name] = _sha256(paths.checkpoint(s.id))
+    return digest({"code": evaluation_code_digest(), "spec": spec_template, "checkpoints": shas}, 16)
+
+
+def paper_mean(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Spec cldl correction 2: the paper text's metric, correct adversarial instances over all adversarial
+    instances averaged over the transfer sets, here the mean over the (surrogate, loss) components of each
+    transfer record (an image wrong when clean counts as wrong), next to the code's per-image worst case."""
+    out: dict[str, dict[str, float]] = {}
+    for r in records:
+        comps = r.get("components") or []
+        if r.get("threat") != "transfer" or not comps:
+            continue
+        vals = [c["robust_acc"] for c in comps if c.get("robust_acc") is not None]
+        if vals:
+            out.setdefault(str(r["attack"]), {})[str(r["eps"])] = sum(vals) / len(vals)
+    return out
+
+
+def run_eval_unit(unit: EvalUnit, paths: Paths, *, device: str = "cpu", commit: bool = False, quick: bool = False,
+                  transfer_examples: int | None = None, wb_examples: int | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate one target against its surrogates from the committed checkpoints; write the record."""
+    from ensemble_core.evaluation import run_evaluation
+
+    dataset = unit.target.spec["dataset"]
+    ckpt = paths.checkpoint(unit.target.id)
+    spec = campaign_evaluation_spec(dataset, str(ckpt), quick=quick, transfer_examples=transfer_examples,
+                                    wb_examples=wb_examples)
+    template = {k: v for k, v in spec.items() if k != "target_checkpoint"}
+    fp = eval_fingerprint(unit, paths, template)
+    rec_path = paths.eval_record(unit.id)
+    if rec_path.exists() and json.loads(rec_path.read_text()).get("fingerprint") == fp:
+        log(f"  {unit.id}: evaluation {fp} already recorded")
+        return json.loads(rec_path.read_text())
+    out = paths.runs / "eval" / f"{unit.id}-{fp}"
+    surrogates = {name: str(paths.checkpoint(s.id)) for name, s in unit.surrogates}
+    t0 = time.time()
+    result = run_evaluation(spec, ckpt, surrogates=surrogates, out_dir=out, cache_dir=paths.runs / "transfer-cache",
+                            device=device, log=lambda m: log(f"    {unit.id}: {m}"), plots=False)
+    state_file = out / "eval_state.json"
+    records = result.get("records", [])
+    record = {
+        "format": EVAL_FORMAT, "campaign": unit.target.campaign, "unit": unit.id, "fingerprint": fp,
+        "evaluation_code_digest": evaluation_code_digest(), "evaluation_spec": template,
+        "target": {"unit": unit.target.id, "checkpoint": paths.rel(ckpt)},
+        "surrogates": {name: {"unit": s.id, "checkpoint": paths.rel(paths.checkpoint(s.id))}
+                       for name, s in unit.surrogates},
+        "clean": result.get("clean"), "flags": result.get("flags"), "records": records,
+        "paper_mean": paper_mean(records),
+        "paper_mean_label": "mean over the transfer sets (surrogate x loss) of the accuracy on all images of the "
+                            "slice (the paper text's definition, spec cldl correction 2)",
+        "per_example_state_zlib_b64": compress_json(json.loads(state_file.read_text())) if state_file.exists()
+        else None,
+        "wall_time_s": round(time.time() - t0, 1), "machine": _machine(device), "code": _git_head(paths.root),
+    }
+    _atomic_write(rec_path, json.dumps(_round(record), indent=1, sort_keys=True, default=str) + "\n")
+    if commit:
+        git_commit(paths.root, [rec_path], f"campaign {unit.target.campaign}: {unit.id} evaluated ({fp})", log)
+    return record
+
+
+# ------------------------------------------------------------------------------------------- runner
+
+
+def _fmt_s(s: float) -> str:
+    s = max(0.0, s)
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min"
+
+
+class CostClock:
+    """Seconds per unit of estimated cost, from finished units' records (prior: the 2-core CPU)."""
+
+    def __init__(self, prior: float = PRIOR_S_PER_COST) -> None:
+        self.cost, self.seconds, self.prior = 0.0, 0.0, prior
+
+    def add(self, cost: float, seconds: float) -> None:
+        if cost > 0 and seconds > 0:
+            self.cost += cost
+            self.seconds += seconds
+
+    @property
+    def rate(self) -> float:
+        return self.seconds / self.cost if self.cost else self.prior
+
+
+def run_training(c: Campaign, paths: Paths, *, device: str = "cpu", commit: bool = False,
+                 units: list[TrainUnit] | None = None, max_units: int | None = None,
+                 log: Callable[[str], None] = print) -> list[str]:
+    """Train every unit not yet recorded, in order; one progress line per unit with an ETA. Returns the ids
+    trained in this call."""
+    units = units if units is not None else train_units(c)
+    costs = {u.id: estimate_cost(u.spec) for u in units}
+    clock = CostClock()
+    on_device = device.startswith("cuda")
+    for u in units:  # calibrate on records made on the same kind of device
+        if train_done(paths, u):
+            rec = json.loads(paths.train_record(u.id).read_text())
+            if str(rec.get("machine", {}).get("device", "cpu")).startswith("cuda") == on_device:
+                clock.add(costs[u.id], float(rec.get("train_time_s") or 0.0))
+    todo = [u for u in units if not train_done(paths, u)]
+    log(f"[campaign {c.name}] {len(units) - len(todo)}/{len(units)} training units recorded, {len(todo)} to train; "
+        f"estimated {_fmt_s(sum(costs[u.id] for u in todo) * clock.rate)} at {1000 * clock.rate * 9:.0f} ms per "
+        f"3-member baseline step")
+    trained: list[str] = []
+    for i, u in enumerate(todo):
+        if max_units is not None and len(trained) >= max_units:
+            break
+        left = sum(costs[v.id] for v in todo[i:]) * clock.rate
+        log(f"[campaign {c.name}] unit {i + 1}/{len(todo)} {u.id} ({u.configuration}, seed {u.seed}): start, est. "
+            f"{_fmt_s(costs[u.id] * clock.rate)}; all remaining {_fmt_s(left)}, ETA "
+            f"{time.strftime('%a %H:%M', time.localtime(time.time() + left))}")
+        t0 = time.time()
+        rec = run_train_unit(u, paths, device=device, commit=commit, log=log)
+        clock.add(costs[u.id], float(rec.get("train_time_s") or time.time() - t0))
+        trained.append(u.id)
+        left = sum(costs[v.id] for v in todo[i + 1:]) * clock.rate
+        log(f"[campaign {c.name}] unit {i + 1}/{len(todo)} {u.id}: done in {_fmt_s(time.time() - t0)}, clean "
+            f"{100 * rec['clean']['acc']:.2f} % (members "
+            f"{', '.join(f'{100 * a:.1f}' for a in rec['clean']['member_acc'])}); {len(todo) - i - 1} left, "
+            f"ETA {time.strftime('%a %H:%M', time.localtime(time.time() + left))}")
+    return trained
+
+
+def run_evaluations(c: Campaign, paths: Paths, *, device: str = "cpu", commit: bool = False, quick: bool = False,
+                    transfer_examples: int | None = None, wb_examples: int | None = None,
+                    max_units: int | None = None, log: Callable[[str], None] = print) -> list[str]:
+    """Evaluate every target whose checkpoints (target and surrogates) are recorded; skip recorded ones."""
+    done: list[str] = []
+    units = eval_units(c)
+    ready = [u for u in units if train_done(paths, u.target) and all(train_done(paths, s) for _, s in u.surrogates)]
+    log(f"[campaign {c.name}] {len(ready)}/{len(units)} evaluation units have their checkpoints")
+    times: list[float] = []
+    for i, u in enumerate(ready):
+        if max_units is not None and len(done) >= max_units:
+            break
+        eta = (statistics.mean(times) * (len(ready) - i)) if times else None
+        log(f"[campaign {c.name}] evaluation {i + 1}/{len(ready)} {u.id}: start"
+            + (f"; ETA {time.strftime('%a %H:%M', time.localtime(time.time() + eta))}" if eta else ""))
+        t0 = time.time()
+        run_eval_unit(u, paths, device=device, commit=commit, quick=quick, transfer_examples=transfer_examples,
+                      wb_examples=wb_examples, log=log)
+        times.append(time.time() - t0)
+        done.append(u.id)
+        log(f"[campaign {c.name}] evaluation {i + 1}/{len(ready)} {u.id}: done in {_fmt_s(times[-1])}")
+    return done
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def _mean_sd(vals: list[float]) -> str:
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{100 * vals[0]:.1f} (n 1)"
+    return f"{100 * statistics.mean(vals):.1f} ± {100 * statistics.stdev(vals):.1f} (n {len(vals)})"
+
+
+def render_report(c: Campaign, paths: Paths) -> str:
+    """The campaign's page from its records: training status and clean accuracy per row (mean ± sd over seeds);
+    per evaluated cell ours (all images and clean-correct) beside the paper's figure."""
+    units = train_units(c)
+    lines = [f"# Campaign `{c.name}`: {c.title}", "",
+             f"Generated by `python -m ensemble_core.campaign {c.name} --report` from the records in this folder; "
+             "every figure below is in the record it names.", ""]
+    lines += [f"- {n}" for n in c.notes]
+    r = recipe(c.recipe)
+    lines += [f"- Recipe `{r.name}`: {r.title} ({r.source}).",
+              f"- Training seeds {', '.join(map(str, c.seeds))}; surrogates "
+              + ", ".join(f"`{d.key}` ({configuration(d.configuration).title}, seed {d.seed})" for d in c.surrogates)
+              + (", and the same-method surrogate (the row's configuration at the next seed)"
+                 if c.same_method_surrogate else "") + ".", "",
+              "## Training", "",
+              "Clean accuracy of the deployed rule on the whole 9,000-image report subset (`clean.acc` of each "
+              "`train/<unit>.json`), mean ± sd over the recorded seeds.", "",
+              "| row | configuration | seeds recorded | clean accuracy % | members' clean accuracy % (per seed) | "
+              "training time per seed |", "|---|---|---|---|---|---|"]
+    for row in c.rows:
+        recs = [json.loads(paths.train_record(u.id).read_text()) for u in units
+                if u.row == row.key and train_done(paths, u)]
+        accs = [rec["clean"]["acc"] for rec in recs]
+        members = "; ".join("/".join(f"{100 * a:.1f}" for a in rec["clean"]["member_acc"]) for rec in recs) or "–"
+        tt = ", ".join(_fmt_s(rec["train_time_s"]) for rec in recs) or "–"
+        lines.append(f"| {row.label} | `{row.configuration}` | {', '.join(str(rec['seed']) for rec in recs) or '–'} "
+                     f"| {_mean_sd(accs)} | {members} | {tt} |")
+    lines += ["", "## Black-box transfer", ""]
+    evals = {u.id: json.loads(paths.eval_record(u.id).read_text()) for u in eval_units(c)
+             if paths.eval_record(u.id).exists()}
+    if not evals:
+        lines += ["No evaluation unit is recorded yet (`--phase eval`).", ""]
+        return "\n".join(lines)
+    paper = c.paper or {}
+    lines += [f"Paper: {paper.get('table', '–')}; {paper.get('metric', '')}.", "",
+              "Ours: transfer worst case per image over every surrogate and loss of the record, mean ± sd over the "
+              "evaluated seeds; *all images* / *among clean-correct* (the paper's denominator).", "",
+              "| row | attack | ε | ours, all images | ours, clean-correct | paper | ours − paper (clean-correct) | "
+              "paper_mean (ours) |", "|---|---|---|---|---|---|---|---|"]
+    for row in c.rows:
+        recs = [evals[u.id] for u in eval_units(c) if u.target.row == row.key and u.id in evals]
+        if not recs:
+            continue
+        cells: dict[tuple[str, float], dict[str, list[float]]] = {}
+        for rec in recs:
+            for r in rec["records"]:
+                if r.get("threat") != "transfer" or r.get("model") != "target":
+                    continue
+                key = (str(r["attack"]), float(r["eps"]))
+                d = cells.setdefault(key, {"all": [], "cc": [], "pm": []})
+                if r.get("robust_acc") is not None:
+                    d["all"].append(r["robust_acc"])
+                if r.get("robust_acc_among_correct") is not None:
+                    d["cc"].append(r["robust_acc_among_correct"])
+                pm = rec.get("paper_mean", {}).get(str(r["attack"]), {}).get(str(r["eps"]))
+                if pm is not None:
+                    d["pm"].append(pm)
+        for (attack, eps), d in sorted(cells.items()):
+            fam = attack.split("-")[0].split(" ")[0].upper()
+            col = (paper.get("columns", {}).get(row.paper_column or "", {}) or {}).get(fam)
+            p = None
+            if col and eps in paper.get("eps", []):
+                p = col[paper["eps"].index(eps)]
+            diff = (f"{100 * statistics.mean(d['cc']) - p:+.1f}" if (p is not None and d["cc"]) else "–")
+            lines.append(f"| {row.label} | {attack} | {eps:g} | {_mean_sd(d['all'])} | {_mean_sd(d['cc'])} | "
+                         f"{'–' if p is None else f'{p:.2f}'} | {diff} | {_mean_sd(d['pm'])} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def status_table(c: Campaign, paths: Paths) -> str:
+    lines = [f"campaign {c.name}: {c.title}"]
+    tu = train_units(c)
+    for u in tu:
+        state = "recorded" if train_done(paths, u) else (
+            "partial (resumes from runs/)" if (paths.run_dir(u.id) / "checkpoint.pt").exists() else "to do")
+        lines.append(f"  train {u.id:<22} {u.configuration:<16} est. cost {estimate_cost(u.spec) / 1e3:8.0f}k  {state}")
+    for e in eval_units(c):
+        lines.append(f"  eval  {e.id:<22} {'recorded' if paths.eval_record(e.id).exists() else 'to do'}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ensemble_core.campaign", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help=f"a declared campaign: {', '.join(sorted(CAMPAIGNS))}")
+    p.add_argument("--phase", choices=["train", "eval", "all"], default="all")
+    p.add_argument("--status", action="store_true", help="list the units and what is recorded, then exit")
+    p.add_argument("--report", action="store_true", help="write docs/results/<name>/README.md from the records")
+    p.add_argument("--seeds", help="comma-separated training seeds to run (default: all declared)")
+    p.add_argument("--units", help="comma-separated unit ids to run (default: all)")
+    p.add_argument("--max-units", type=int, default=None, help="stop after this many units")
+    p.add_argument("--commit", action="store_true", help="git-commit each finished unit's record and checkpoint")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    p.add_argument("--nice", type=int, default=10, help="run at least this niceness (default 10)")
+    p.add_argument("--quick", action="store_true", help="evaluation: the tiny smoke-test plan (numbers not meaningful)")
+    p.add_argument("--transfer-examples", type=int, default=None, help="evaluation: transfer slice size")
+    p.add_argument("--wb-examples", type=int, default=None, help="evaluation: white-box slice size")
+    p.add_argument("--results-dir", help="records root (default docs/results)")
+    p.add_argument("--runs-dir", help="work root (default runs/campaign)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.nice > 0 and hasattr(os, "nice"):
+        current = os.nice(0)
+        if current < args.nice:
+            os.nice(args.nice - current)
+    c = get_campaign(args.name)
+    paths = Paths.of(c, results_dir=args.results_dir, runs_dir=args.runs_dir)
+    if args.status:
+        print(status_table(c, paths))
+        return 0
+    if args.report:
+        out = paths.results / "README.md"
+        _atomic_write(out, render_report(c, paths) + "\n")
+        print(f"wrote {out}")
+        return 0
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+
+    def log(msg: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+    units = train_units(c)
+    if args.seeds:
+        seeds = {int(s) for s in args.seeds.split(",")}
+        units = [u for u in units if u.seed in seeds or u.role == "surrogate"]
+    if args.units:
+        wanted = set(args.units.split(","))
+        units = [u for u in units if u.id in wanted]
+    log(f"[campaign {c.name}] device {device}, {torch.get_num_threads()} thread(s), niceness {os.nice(0)}")
+    if args.phase in ("train", "all"):
+        run_training(c, paths, device=device, commit=args.commit, units=units, max_units=args.max_units, log=log)
+    if args.phase in ("eval", "all"):
+        run_evaluations(c, paths, device=device, commit=args.commit, quick=args.quick,
+                        transfer_examples=args.transfer_examples, wb_examples=args.wb_examples,
+                        max_units=args.max_units, log=log)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

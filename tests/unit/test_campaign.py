@@ -1,0 +1,176 @@
+"""Campaigns (ensemble_core/campaign.py): unit order, keys and surrogates; a tiny campaign trained, skipped,
+resumed and evaluated end to end on synthetic data; the records' compressed outcomes; commits of exactly a
+unit's files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ensemble_core.campaign as cp
+from ensemble_core.campaign import (
+    Campaign,
+    Paths,
+    Row,
+    SurrogateDecl,
+    eval_units,
+    pack_bits,
+    train_units,
+    unpack_bits,
+)
+from ensemble_core.checkpoint import load_checkpoint, load_ensemble
+
+torch.set_num_threads(1)
+
+TINY = Campaign("tiny", "tiny test campaign", "lsd-mnist",
+                rows=(Row("baseline", "baseline", "Baseline"), Row("gal", "gal-lsd", "GAL (LSD)", "GAL")),
+                seeds=(0, 1), surrogates=(SurrogateDecl("sur", "baseline", 100),),
+                eval_subset=64, overrides={"dataset": "synthetic", "train_subset": 200, "epochs": 1,
+                                           "members": 2})
+
+
+def test_pack_bits_by_hand() -> None:
+    bits = [True, False, False, False, False, False, False, True, True]
+    assert pack_bits(bits) == "gYA="  # 0b10000001, 0b10000000
+    assert unpack_bits("gYA=", 9) == bits
+    assert unpack_bits(pack_bits(torch.tensor([0, 1, 1])), 3) == [False, True, True]
+    with pytest.raises(ValueError):
+        unpack_bits("gYA=", 20)
+
+
+def test_cldl_table4_order_keys_and_surrogates() -> None:
+    c = cp.get_campaign("cldl-table4")
+    units = train_units(c)
+    assert len(units) == 7 * 3 + 2
+    seeds = [u.seed for u in units if u.role == "target"]
+    assert seeds == sorted(seeds)  # seed 0 of every row first, then 1, then 2
+    first = [u.id for u in units[:9]]
+    assert first[-1] == "dverge-s0" and {"surrogate-b3-s100", "surrogate-b5-s101"} <= set(first)
+    costs = [cp.estimate_cost(u.spec) for u in units[:9]]
+    assert costs == sorted(costs)  # cheapest first within a seed
+    assert all(u.spec["epochs"] == 20 and u.spec["extra_pass"] and u.spec["eval_subset"] == 9000 for u in units)
+    by_id = {u.id: u for u in units}
+    assert by_id["trs-s1"].spec["hyperparameters"]["smooth_points"] == "clean"
+    assert by_id["surrogate-b5-s101"].spec["members"] == 5
+    for e in eval_units(c):
+        names = [n for n, _ in e.surrogates]
+        assert len(names) == 3 and all(s.id != e.target.id for _, s in e.surrogates)
+        same = [s for n, s in e.surrogates if n.startswith("same-method")]
+        assert same[0].configuration == e.target.configuration and same[0].seed == (e.target.seed + 1) % 3
+
+
+def test_cost_estimate_orders_the_methods() -> None:
+    c = cp.get_campaign("cldl-table4")
+    cost = {u.row: cp.estimate_cost(u.spec) for u in train_units(c) if u.seed == 0 and u.role == "target"}
+    assert cost["gal"] == pytest.approx(3 * cost["baseline"]) and cost["gal"] < cost["dverge"]
+    assert cost["dverge"] / cost["baseline"] == pytest.approx(15.4, rel=0.05)
+
+
+@pytest.fixture
+def tiny_paths(tmp_path: Path) -> Paths:
+    return Paths.of(TINY, root=tmp_path, results_dir=tmp_path / "docs" / "results", runs_dir=tmp_path / "runs")
+
+
+def test_tiny_campaign_trains_records_skips_and_resumes(tiny_paths: Paths) -> None:
+    logs: list[str] = []
+    done = cp.run_training(TINY, tiny_paths, log=logs.append)
+    assert done == [u.id for u in train_units(TINY)] and len(done) == 5
+    assert any("ETA" in line and "unit 1/5" in line for line in logs)
+    rec = json.loads(tiny_paths.train_record("gal-s1").read_text())
+    assert rec["format"] == cp.TRAIN_FORMAT and rec["configuration"] == "gal-lsd" and rec["seed"] == 1
+    assert rec["resolved_spec"]["hyperparameters"]["ce_reduction"] == "mean"
+    assert rec["resolved_spec"]["optimizer"]["eps"] == 1e-7 and len(rec["history"]) == 2  # 1 + 1 passes
+    ck = tiny_paths.checkpoint("gal-s1")
+    assert rec["checkpoint"]["bytes"] == ck.stat().st_size and load_checkpoint(ck)["optimizer"] is None
+    # the packed clean outcomes are the checkpoint's: decode and recompute the accuracy
+    n = rec["clean"]["n"]
+    correct = unpack_bits(rec["clean"]["correct_bits"], n)
+    assert sum(correct) / n == pytest.approx(rec["clean"]["acc"])
+    from ensemble_core.data import load_dataset, test_subset, to_float
+
+    test = test_subset(load_dataset("synthetic", "test"), "report")  # all of it, as the record
+    ens = load_ensemble(ck)
+    with torch.no_grad():
+        pred = ens.predict(to_float(test.images))
+    assert (pred == test.labels).tolist() == correct
+    # a second run trains nothing
+    assert cp.run_training(TINY, tiny_paths, log=lambda m: None) == []
+    # a unit cut off after its first pass resumes from runs/ instead of restarting
+    unit = next(u for u in train_units(TINY) if u.id == "baseline-s0")
+    tiny_paths.train_record(unit.id).unlink()
+    run = tiny_paths.run_dir(unit.id)
+    (run / "ensemble.pt").unlink()
+    state = load_checkpoint(run / "checkpoint.pt")
+    state["progress"]["epoch"] = 1
+    state["history"] = json.dumps(json.loads(state["history"])[:1])
+    torch.save(state, run / "checkpoint.pt")
+    logs.clear()
+    assert cp.run_training(TINY, tiny_paths, log=logs.append) == ["baseline-s0"]
+    assert any("resuming at stage 1/1, epoch 2/2" in line for line in logs)
+    # a changed declaration (another digest) is not the recorded unit
+    changed = Campaign(**{**TINY.__dict__, "overrides": {**TINY.overrides, "train_subset": 190}})
+    assert not cp.train_done(tiny_paths, train_units(changed)[0])
+
+
+def test_tiny_campaign_evaluates_and_keys_on_the_evaluation_code(tiny_paths: Paths,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    cp.run_training(TINY, tiny_paths, log=lambda m: None)
+
+    def tiny_spec(dataset: str, checkpoint: str, **kw: Any) -> dict[str, Any]:
+        return {"target_checkpoint": checkpoint, "n_examples": 12, "seed": 0, "split": "report",
+                "attacks": [{"name": "fgsm", "eps": [0.1]}], "transfer_attacks": [{"name": "fgsm", "eps": [0.1],
+                                                                                   "losses": ["ce", "cw"]}],
+                "member_transfer": None, "checks": {"n_examples": 4, "convergence": False, "large_eps": None}}
+
+    monkeypatch.setattr(cp, "campaign_evaluation_spec", tiny_spec)
+    done = cp.run_evaluations(TINY, tiny_paths, log=lambda m: None)
+    assert done == [u.id for u in eval_units(TINY)]
+    rec = json.loads(tiny_paths.eval_record("gal-s0").read_text())
+    assert rec["format"] == cp.EVAL_FORMAT and set(rec["surrogates"]) == {"sur (seed 100)",
+                                                                           "same-method gal (seed 1)"}
+    tr = [r for r in rec["records"] if r["threat"] == "transfer" and r["model"] == "target"]
+    assert tr and len(tr[0]["components"]) == 4  # 2 surrogates x 2 losses
+    mean = sum(c["robust_acc"] for c in tr[0]["components"]) / 4
+    assert rec["paper_mean"][tr[0]["attack"]][str(tr[0]["eps"])] == pytest.approx(mean, abs=1e-6)
+    assert mean >= tr[0]["robust_acc"] - 1e-9  # the mean over sets is never below the per-image worst case
+    state = cp.decompress_json(rec["per_example_state_zlib_b64"])
+    assert state["hi"] - state["lo"] == 12
+    # same code and spec: skipped; changed evaluation code: re-evaluated, the training untouched
+    t_rec = tiny_paths.eval_record("baseline-s0").stat().st_mtime_ns
+    logs: list[str] = []
+    assert cp.run_evaluations(TINY, tiny_paths, log=logs.append, max_units=1) == ["baseline-s0"]
+    assert tiny_paths.eval_record("baseline-s0").stat().st_mtime_ns == t_rec
+    assert any("already recorded" in line for line in logs)
+    before = {u.id: tiny_paths.train_record(u.id).stat().st_mtime_ns for u in train_units(TINY)}
+    fp0 = json.loads(tiny_paths.eval_record("baseline-s0").read_text())["fingerprint"]
+    monkeypatch.setattr(cp, "evaluation_code_digest", lambda root=None: "changed-code")
+    cp.run_evaluations(TINY, tiny_paths, log=lambda m: None, max_units=1)
+    assert json.loads(tiny_paths.eval_record("baseline-s0").read_text())["fingerprint"] != fp0
+    assert before == {u.id: tiny_paths.train_record(u.id).stat().st_mtime_ns for u in train_units(TINY)}
+    page = cp.render_report(TINY, tiny_paths)
+    assert "| GAL (LSD) | `gal-lsd` | 0, 1 |" in page, page
+    assert "| GAL (LSD) | fgsm" in page
+
+
+def test_git_commit_commits_exactly_the_units_files(tmp_path: Path) -> None:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "other.txt").write_text("someone else's work\n")
+    git("add", "other.txt")  # staged by someone else
+    rec, ck = tmp_path / "r" / "u.json", tmp_path / "r" / "u.pt"
+    rec.parent.mkdir()
+    rec.write_text("{}")
+    ck.write_bytes(b"\x00\x01")
+    assert cp.git_commit(tmp_path, [rec, ck], "campaign t: u trained")
+    assert sorted(git("show", "--name-only", "--format=", "HEAD").split()) == ["r/u.json", "r/u.pt"]
+    assert "other.txt" in git("diff", "--cached", "--name-only")  # still staged, not committed
+    assert not cp.git_commit(tmp_path, [rec], "again")  # nothing changed: no empty commit
