@@ -632,8 +632,14 @@
     return out;
   }
 
-  async function renderCompare(ids) {
+  // A job id as the API issues it: only such ids are put into request paths (a crafted link cannot
+  // make the page send its token to another path, e.g. "../../v1/jobs?..." or "x/cancel").
+  const JOB_ID = /^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/;
+
+  async function renderCompare(given) {
     const seq = routeSeq;
+    const ids = [...new Set(given.filter((id) => JOB_ID.test(id)))];
+    const refused = given.filter((id) => !JOB_ID.test(id));
     const input = h('input', { id: 'compare-ids', size: 80, value: ids.join(','), placeholder: 'job ids, comma-separated' });
     const form = h('form', { class: 'toolbar', onsubmit: (e) => {
       e.preventDefault();
@@ -641,6 +647,10 @@
       location.hash = `#/compare?ids=${list.join(',')}`;
     } }, h('label', { for: 'compare-ids' }, 'Jobs'), input, h('button', { type: 'submit' }, 'Compare'));
     app.replaceChildren(h('h1', {}, 'Compare jobs'), form);
+    if (refused.length) {
+      app.append(h('p', { class: 'error-text', id: 'compare-refused' },
+        `Not job ids, left out: ${refused.map((x) => JSON.stringify(x.slice(0, 60))).join(', ')}`));
+    }
     if (ids.length < 2) {
       app.append(h('p', { class: 'muted' }, 'Pick two or more jobs on the job list (checkboxes), or enter their ids.'));
       return;
