@@ -101,7 +101,10 @@ class Client:
         return self._get(f"/v1/jobs/{job_id}/logs", after=after, limit=limit)
 
     def follow_logs(self, job_id: str, after: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Server-sent events of ``GET /logs?follow=true``: yields ``("log", line)`` ... then ``("end", status)``."""
+        """Server-sent events of ``GET /logs?follow=true``: yields ``("log", line)`` ... then ``("end", status)``.
+
+        An ``error`` event (the token was revoked while the stream was open, or the database became
+        unavailable) raises :class:`ApiError` (401 / 503)."""
         with self.http.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true", "after": after},
                               timeout=httpx.Timeout(30.0, read=None)) as r:
             if r.status_code >= 400:
@@ -111,7 +114,11 @@ class Client:
             for line in r.iter_lines():
                 if line == "":
                     if data:
-                        yield event, json.loads("\n".join(data))
+                        payload = json.loads("\n".join(data))
+                        if event == "error":  # the server ended the stream: token revoked, database down
+                            detail = payload.get("detail", payload) if isinstance(payload, dict) else payload
+                            raise ApiError(401 if "token" in str(detail) else 503, detail)
+                        yield event, payload
                         if event == "end":
                             return
                     event, data = "message", []
