@@ -42,9 +42,10 @@ DOCS_PATHS = ("/docs", "/docs/oauth2-redirect")
 
 COMMON_CSP = "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 # The dashboard: its own script and style sheet; style attributes (bar widths, legend colours) need
-# 'unsafe-inline' for styles only; the favicon is a data: URL.
-DEFAULT_CSP = (f"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-               f"connect-src 'self'; {COMMON_CSP}")
+# 'unsafe-inline' for styles only; the favicon is a data: URL, the plots blob: URLs of fetched artifacts
+# (fetched with the token, so they cannot be plain <img src> links).
+DEFAULT_CSP = (f"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+               f"img-src 'self' data: blob:; connect-src 'self'; {COMMON_CSP}")
 
 HEADERS = (
     (b"x-frame-options", b"DENY"),
