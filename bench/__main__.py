@@ -16,6 +16,7 @@ BENCHMARKS = {
     "service": "bench.service_overhead",
     "queue": "bench.queue_bench",
     "eval": "bench.evaluation",
+    "storm": "bench.storm",
 }
 
 
