@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny budget for smoke tests (numbers not meaningful)")
     p.add_argument("--out", help="markdown output (default docs/methods/<method>-reproduction.md)")
     p.add_argument("--runs-dir", help="cache directory (default runs/reproduce in the project)")
-    p.add_argument("--autoattack", action="store_true", help="also AutoAttack (standard) at the middle white-box eps")
+    p.add_argument("--autoattack", choices=("all", "middle", "none"), default="all",
+                   help="the reference AutoAttack (standard) at every white-box eps (default), the middle one, or none")
+    p.add_argument("--no-same-method", action="store_true",
+                   help="skip the same-method surrogate (the method trained again with seed 1)")
     p.add_argument("--wb-examples", type=int, default=None, help="white-box slice (default 500)")
     p.add_argument("--transfer-examples", type=int, default=None, help="transfer slice (default 2000)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
@@ -137,18 +140,53 @@ def budget_of(args: argparse.Namespace) -> dict[str, Any]:
         "train_subset": s.get("train_subset"), "quick": bool(args.quick)}
 
 
-def eval_spec(args: argparse.Namespace, checkpoint: str) -> dict[str, Any]:
-    eps = WHITE_BOX_EPS[args.dataset]
-    n_wb = args.wb_examples or (100 if args.quick else 500)
-    n_tr = max(args.transfer_examples or (200 if args.quick else 2000), n_wb)
-    attacks: list[dict[str, Any]] = [{"name": "pgd", "eps": eps, "steps": 10 if args.quick else 50,
-                                      "alpha_ratio": 0.1, "restarts": 2 if args.quick else 5, "loss": "ce",
-                                      "random_start": True}]
-    if args.autoattack:
-        attacks.append({"name": "autoattack", "eps": [eps[len(eps) // 2]], "version": "standard"})
+def reviewer_attacks(dataset: str, *, quick: bool = False, autoattack: str = "all") -> list[dict[str, Any]]:
+    """The default white-box set (docs/evaluation.md, "The reviewer's set"), every attack against the deployed rule.
+
+    In order (the first entry is the headline of the earlier pages, kept so that what each attack adds shows):
+    PGD-50 (step eps/10, 5 restarts) with cross-entropy; the same with the CW and DLR margins; FGSM (CE + CW);
+    Square (5,000 queries, margin loss); the ensemble-aware attack (100 steps, 2 restarts, CE + DLR); the
+    vote-aware losses (PGD-50 x 5 with the vote hinge and the soft vote; skipped on rules that are not votes);
+    the reference AutoAttack (standard) at every eps (``autoattack="middle"``: the middle one; ``"none"``).
+    The convergence check (PGD-100 with the same starts) runs at every eps on every white-box image and its
+    breaks enter the worst case.
+    """
+    eps = WHITE_BOX_EPS[dataset]
+    steps, restarts = (10, 2) if quick else (50, 5)
+    pgd: dict[str, Any] = {"name": "pgd", "eps": eps, "steps": steps, "alpha_ratio": 0.1, "restarts": restarts,
+                           "random_start": True}
+    attacks: list[dict[str, Any]] = [
+        {**pgd, "loss": "ce"},
+        {**pgd, "losses": ["cw", "dlr"]},
+        {"name": "fgsm", "eps": eps, "losses": ["ce", "cw"]},
+        {"name": "square", "eps": eps, "n_queries": 500 if quick else 5000, "loss": "cw"},
+        {"name": "mora", "eps": eps, "steps": 20 if quick else 100, "restarts": 1 if quick else 2,
+         "losses": ["ce", "dlr"]},
+        {**pgd, "losses": ["vote", "softvote"]},
+    ]
+    if autoattack != "none":
+        aa_eps = eps if autoattack == "all" else [eps[len(eps) // 2]]
+        attacks.append({"name": "autoattack", "eps": aa_eps, "version": "standard"})
+    return attacks
+
+
+def evaluation_spec(dataset: str, checkpoint: str, *, quick: bool = False, transfer_examples: int | None = None,
+                    wb_examples: int | None = None, autoattack: str = "all") -> dict[str, Any]:
+    """The evaluation of a reproduction, the leaderboard and the campaigns: :func:`reviewer_attacks` on a
+    ``wb_examples`` slice (default 500; quick 100) of PROTOCOL's report subset, PROTOCOL's transfer set (crafted
+    on each surrogate's log of mean probabilities, PGD with 3 seeds) on a ``transfer_examples`` slice (default
+    2,000; quick 200) containing it, the convergence check on every white-box image, evaluation seed 0."""
+    n_wb = wb_examples or (100 if quick else 500)
+    n_tr = max(transfer_examples or (200 if quick else 2000), n_wb)
     return {"target_checkpoint": checkpoint, "n_examples": n_wb, "transfer_n_examples": n_tr, "split": "report",
-            "seed": 0, "attacks": attacks, "batch_size": 250, "among_correct": True,
-            "checks": {"n_examples": 50 if args.quick else 100}}
+            "seed": 0, "attacks": reviewer_attacks(dataset, quick=quick, autoattack=autoattack), "batch_size": 250,
+            "among_correct": True, "checks": {"n_examples": n_wb}}
+
+
+def eval_spec(args: argparse.Namespace, checkpoint: str) -> dict[str, Any]:
+    """:func:`evaluation_spec` with a reproduction's command-line arguments."""
+    return evaluation_spec(args.dataset, checkpoint, quick=args.quick, transfer_examples=args.transfer_examples,
+                           wb_examples=args.wb_examples, autoattack=getattr(args, "autoattack", "all"))
 
 
 def _train(spec: dict[str, Any], out: Path, retrain: bool = False) -> Path:
@@ -175,11 +213,13 @@ def _train(spec: dict[str, Any], out: Path, retrain: bool = False) -> Path:
 
 
 def _evaluate(args: argparse.Namespace, checkpoint: Path, surrogates: dict[str, str], out: Path,
-              cache_dir: Path) -> dict[str, Any]:
+              cache_dir: Path, groups: dict[str, str] | None = None) -> dict[str, Any]:
     from ensemble_core.evaluation import run_evaluation
+    from ensemble_core.evaluation.codeversion import evaluation_code_fingerprint
 
     spec = eval_spec(args, str(checkpoint))
-    key = _digest([spec, {k: str(v) for k, v in surrogates.items()}, checkpoint.stat().st_mtime_ns])
+    key = _digest([spec, {k: str(v) for k, v in surrogates.items()}, groups or {}, checkpoint.stat().st_mtime_ns,
+                   evaluation_code_fingerprint()])
     done = out / "results.json"
     if done.exists():
         prev = json.loads(done.read_text())
@@ -195,7 +235,7 @@ def _evaluate(args: argparse.Namespace, checkpoint: Path, surrogates: dict[str, 
             _log(f"  {100 * frac:5.1f}% {msg}")
 
     result = run_evaluation(spec, checkpoint, surrogates=surrogates, out_dir=out, cache_dir=cache_dir,
-                            progress=progress, log=lambda m: _log("  " + m))
+                            progress=progress, log=lambda m: _log("  " + m), surrogate_groups=groups)
     result["reproduce_key"] = key
     from ensemble_core.evaluation.records import write_artifacts
 
@@ -210,8 +250,33 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def _recs(result: dict[str, Any], threat: str) -> list[dict[str, Any]]:
-    return [r for r in result["records"] if r["model"] == "target" and r["threat"] == threat]
+def _recs(result: dict[str, Any], threat: str, group: str | None = "all") -> list[dict[str, Any]]:
+    return [r for r in result["records"] if r["model"] == "target" and r["threat"] == threat
+            and (threat != "transfer" or group is None or r.get("surrogate_group", "all") == group)]
+
+
+def _cell(r: dict[str, Any] | None) -> str:
+    if r is None or r["robust_acc"] is None:
+        return "–"
+    return _pct(r["robust_acc"]) + (" ⚠" if r["unreliable"] else "")
+
+
+def headline(result: dict[str, Any], norm: str = "Linf") -> dict[str, dict[float, dict[str, Any]]]:
+    """Per eps, the target's three summary figures: white-box worst case, transfer (all surrogates), any attack.
+
+    White-box and any attack are on the white-box images; transfer on the transfer slice (they are stated)."""
+    out: dict[str, dict[float, dict[str, Any]]] = {"white-box": {}, "transfer": {}, "any": {}}
+    for r in result["records"]:
+        if r["model"] != "target" or r["norm"] != norm:
+            continue
+        if r["threat"] == "worst-case" and r["attack"].startswith("worst case"):
+            out["white-box"][r["eps"]] = r
+        elif r["threat"] == "worst-case" and r["attack"].startswith("any attack"):
+            out["any"][r["eps"]] = r
+    for r in _recs(result, "transfer"):
+        if r["norm"] == norm and r["attack"].startswith("worst case"):
+            out["transfer"][r["eps"]] = r
+    return out
 
 
 def render(args: argparse.Namespace, method: str, target_res: dict[str, Any], base_res: dict[str, Any],
@@ -222,6 +287,7 @@ def render(args: argparse.Namespace, method: str, target_res: dict[str, Any], ba
     ds_name = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}[args.dataset]
     n_tr = target_res["n_examples"]["transfer"]
     n_wb = target_res["n_examples"]["white_box"]
+    code = target_res.get("code_version") or {}
     lines = [f"### Reproduction: `{method}` on {ds_name} (PROTOCOL.md, reduced CPU budget)", ""]
     budget = (f"**Budget.** `lenet5`, {args.members} members, "
               + ("a 3,000-image training subset, 1 epoch (`--quick`: a smoke test, numbers not meaningful)"
@@ -231,12 +297,14 @@ def render(args: argparse.Namespace, method: str, target_res: dict[str, Any], ba
                                     f"{full}** "
                                     "to fit the shared 2-core CPU machine; the baseline and the surrogates have the "
                                     "same reduced budget)")
-              + ", Adam lr 1e-3, weight decay 1e-4, batch 128, training seed 0. "
+              + ", Adam lr 1e-3, weight decay 1e-4, batch 128, training seed 0 (one training seed per model). "
               f"Method hyperparameters: `{json.dumps(hp, sort_keys=True)}`. Deployed rule: "
-              f"`{target_res['models']['target']['deployed_rule']}` (white-box attacks differentiate "
-              f"`{target_res['models']['target']['attacked_rule']}`). Test images: the PROTOCOL report subset "
-              f"(test indices after the 1,000-image selection subset of the `random.seed(0)` shuffle), a {n_tr}-image "
-              f"slice for transfer and its first {n_wb} images for white-box attacks; evaluation seed 0.")
+              f"`{target_res['models']['target']['deployed_rule']}` (white-box gradients through "
+              f"`{target_res['models']['target']['attacked_rule']}`, every example scored on the deployed rule). "
+              f"Test images: the PROTOCOL report subset (test indices after the 1,000-image selection subset of "
+              f"the `random.seed(0)` shuffle), a {n_tr}-image slice for transfer and its first {n_wb} images for "
+              "white-box attacks; evaluation seed 0. Evaluation code "
+              f"`{code.get('evaluation_code', '?')}` (git {code.get('git_commit') or '?'}).")
     lines += [budget, ""]
 
     lines += ["**Clean accuracy (%)**", "", "| model | deployed rule | clean acc, transfer slice | "
@@ -247,24 +315,45 @@ def render(args: argparse.Namespace, method: str, target_res: dict[str, Any], ba
                      f"{_pct(c['clean_acc'])} | {', '.join(_pct(a) for a in c['member_clean_acc'])} |")
     lines.append("")
 
-    tr = _recs(target_res, "transfer")
+    heads = {name: headline(res) for name, res in rows}
+    eps_all = sorted({e for h in heads.values() for part in h.values() for e in part})
+    lines += [f"**Summary, robust accuracy (%)**: per image the worst case over every white-box attack below "
+              f"({n_wb} images), over every transfer attack and surrogate ({n_tr} images), and over both together "
+              f"(\"any attack\", on the {n_wb} white-box images); a figure at eps also counts every attack at a "
+              "smaller eps. ⚠ = flagged unreliable.", "",
+              "| model | threat | " + " | ".join(f"ε={e:g}" for e in eps_all) + " |",
+              "|---|---|" + "---|" * len(eps_all)]
+    for name, h in heads.items():
+        for part, title in (("white-box", "white-box, worst case"), ("transfer", "transfer, worst case"),
+                            ("any", "**any attack**")):
+            lines.append(f"| {name} | {title} | " + " | ".join(_cell(h[part].get(e)) for e in eps_all) + " |")
+    lines.append("")
+
+    tr_groups = list(dict.fromkeys(r.get("surrogate_group", "all") for r in _recs(target_res, "transfer", None)))
+    tr = [r for r in _recs(target_res, "transfer") if not r["attack"].startswith("worst case")]
     cols = list(dict.fromkeys((r["attack"], r["eps"]) for r in tr))
-    surr = ", ".join(target_res["surrogates"])
-    lines += [f"**Black-box transfer, robust accuracy (%)**: {n_tr} images; surrogates {surr} (baseline ensembles, "
-              "same budget, never the target's weights); attacks FGSM and BIM/MIM/PGD-10 (step eps/5, MIM momentum "
-              "1.0, PGD random start), each with CE and the CW margin (κ = 0.1) on the surrogate's log of mean "
-              "probabilities; per image the worst case over both surrogates and both losses. Each cell: **over all "
-              "report images** / *the papers' figure, among the images the model classifies correctly clean*.", ""]
-    lines.append("| model | " + " | ".join(f"{a.split(' ')[0].upper()} ε={e:g}" for a, e in cols) + " |")
-    lines.append("|---|" + "---|" * len(cols))
+    surr = "; ".join(f"{n} ({d['members']} members, {d.get('group', 'baseline')})"
+                     for n, d in target_res["surrogates"].items())
+    lines += [f"**Black-box transfer, robust accuracy (%)**: {n_tr} images; surrogates: {surr} (same budget, never "
+              "the target's weights; same-method = the method's own configuration trained with seed 1); attacks "
+              "FGSM and BIM/MIM/PGD-10 (step eps/5, MIM momentum 1.0, PGD random start with 3 seeds), each with CE "
+              "and the CW margin (κ = 0.1), crafted on each surrogate's log of mean probabilities; per image the "
+              "worst case over the row's surrogates, both losses and every seed. Each cell: **over all report "
+              "images** / *the papers' figure, among the images the model classifies correctly clean*.", ""]
+    lines.append("| model | surrogates | " + " | ".join(f"{a.split(' ')[0].upper().replace('X', '×')} ε={e:g}"
+                                                  for a, e in cols) + " |")
+    lines.append("|---|---|" + "---|" * len(cols))
     for name, res in rows:
-        by = {(r["attack"], r["eps"]): r for r in _recs(res, "transfer")}
-        cells = []
-        for c in cols:
-            r = by.get(c)
-            cells.append("–" if r is None else f"**{_pct(r['robust_acc'])}** / *{_pct(r['robust_acc_among_correct'])}*"
-                         + (" ⚠" if r["unreliable"] else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for g in tr_groups:
+            by = {(r["attack"], r["eps"]): r for r in _recs(res, "transfer", g)}
+            if not by:
+                continue
+            cells = []
+            for c in cols:
+                r = by.get(c)
+                cells.append("–" if r is None else f"**{_pct(r['robust_acc'])}** / "
+                             f"*{_pct(r['robust_acc_among_correct'])}*" + (" ⚠" if r["unreliable"] else ""))
+            lines.append(f"| {name} | {g} | " + " | ".join(cells) + " |")
     lines.append("")
     if method != "baseline":
         diffs = []
@@ -275,28 +364,27 @@ def render(args: argparse.Namespace, method: str, target_res: dict[str, Any], ba
                 diffs.append(r["robust_acc"] - b)
         if diffs:
             higher = sum(d > 0 for d in diffs)
-            lines += [f"Against the baseline, `{method}`'s transfer robust accuracy is higher in {higher} of "
-                      f"{len(diffs)} cells (mean difference {100 * sum(diffs) / len(diffs):+.1f} points).", ""]
+            lines += [f"Against the baseline, `{method}`'s transfer robust accuracy (all surrogates) is higher in "
+                      f"{higher} of {len(diffs)} cells (mean difference {100 * sum(diffs) / len(diffs):+.1f} "
+                      "points); the baseline's figures have no same-method surrogate of their own besides the "
+                      "3-member baseline of seed 1.", ""]
 
-    wb = [r for r in target_res["records"] if r["model"] == "target" and r["threat"] in ("white-box", "worst-case")
-          and r["norm"] == "Linf" and "incl. transfer" not in r["attack"]]
-    eps = sorted({r["eps"] for r in wb})
-    pgd = target_res["spec"]["attacks"][0]
-    lines += [f"**White-box, robust accuracy (%)**: {n_wb} images; PGD-{pgd['steps']} L∞ (step eps/10, "
-              f"{pgd['restarts']} random restarts, CE) against the deployed rule (for a non-differentiable rule, its "
-              "stated differentiable surrogate, scored on the rule), per-image worst case"
-              + ("; AutoAttack (standard) at the middle eps" if args.autoattack else "")
-              + ". Over all images; ⚠ = flagged unreliable.", ""]
-    lines.append("| model | attack | " + " | ".join(f"ε={e:g}" for e in eps) + " |")
-    lines.append("|---|---|" + "---|" * len(eps))
+    lines += [f"**White-box, robust accuracy (%)**: {n_wb} images (the convergence check on all of them), attack by "
+              "attack against the deployed rule, each the per-image worst case over its losses and restarts; our "
+              "iterative attacks score every iterate on the deployed rule. `worst case` is over every white-box "
+              "and gradient-free row, `any attack` adds every transfer attack. Parameters: docs/evaluation.md "
+              "(\"The reviewer's set\"). Over all images; ⚠ = flagged unreliable; – = not run (vote-aware "
+              "losses apply only to votes).", ""]
+    wb_eps = sorted({r["eps"] for _, res in rows for r in res["records"] if r["model"] == "target"
+                     and r["threat"] in ("white-box", "gradient-free", "worst-case") and r["norm"] == "Linf"})
+    lines.append("| model | attack | " + " | ".join(f"ε={e:g}" for e in wb_eps) + " |")
+    lines.append("|---|---|" + "---|" * len(wb_eps))
     for name, res in rows:
-        recs = [r for r in res["records"] if r["model"] == "target" and r["threat"] in ("white-box", "worst-case")
-                and r["norm"] == "Linf" and "incl. transfer" not in r["attack"]]
+        recs = [r for r in res["records"] if r["model"] == "target" and r["norm"] == "Linf"
+                and r["threat"] in ("white-box", "gradient-free", "worst-case")]
         for attack in dict.fromkeys(r["attack"] for r in recs):
             by = {r["eps"]: r for r in recs if r["attack"] == attack}
-            lines.append(f"| {name} | {attack} | " + " | ".join(
-                (_pct(by[e]["robust_acc"]) + (" ⚠" if by[e]["unreliable"] else "")) if e in by else "–" for e in eps)
-                + " |")
+            lines.append(f"| {name} | {attack} | " + " | ".join(_cell(by.get(e)) for e in wb_eps) + " |")
     lines.append("")
 
     mt_rows = []
@@ -315,15 +403,16 @@ def render(args: argparse.Namespace, method: str, target_res: dict[str, Any], ba
     lines += flag_lines or ["No flag fired."]
     for name, res in rows:
         ck = res["checks"].get("target", {})
-        conv = ck.get("convergence")
+        conv = ck.get("convergence") or []
+        if isinstance(conv, dict):
+            conv = [conv]
         large = ck.get("large_eps_Linf")
         checks = []
         if large:
             checks.append(f"PGD at L∞ ε={large['eps']:g} leaves {_pct(large['robust_acc'])}% (n={large['n']})")
-        if conv:
-            checks.append(f"PGD-{conv['steps']} vs PGD-{2 * conv['steps']} at ε={conv['eps']:g}: "
-                          f"{_pct(conv['acc_k'])}% "
-                          f"vs {_pct(conv['acc_2k'])}% (n={conv['n']})")
+        for c in conv:
+            checks.append(f"PGD-{c['steps']} vs PGD-{2 * c['steps']} at ε={c['eps']:g}: {_pct(c['acc_k'])}% vs "
+                          f"{_pct(c['acc_2k'])}% (n={c['n']})")
         checks.append(f"zero input gradients at {ck.get('zero_gradient_cw_margin', 0)}/{ck.get('n_examples', 0)} "
                       "clean images")
         lines.append(f"- {name}, checks run: " + "; ".join(checks) + ".")
@@ -402,12 +491,27 @@ def run_reproduction(argv: list[str] | None = None) -> dict[str, Any]:
         train_times["baseline"] = _read_time(shared / base_key)
         base_res = _evaluate(args, base_ckpt, surrogates, shared / f"eval-{base_key}-{_eval_tag(args)}", cache)
 
-    # 3. the target's evaluation on the same (cached) transfer examples
+    # 3. the same-method surrogate: the method's own configuration trained again with seed 1 (for the baseline,
+    # the 3-member baseline surrogate of seed 1 already is one)
+    groups = {name: "baseline" for name in surrogates}
+    target_surrogates = dict(surrogates)
+    if not is_baseline and not args.no_same_method:
+        same_dir = target_dir.parent / f"{target_dir.name}-seed1"
+        with file_lock(same_dir.with_suffix(".lock"), f"{args.method}'s same-method surrogate"):
+            same = _train(TrainSpec.model_validate(train_spec(args, args.method, args.members, 1, hp_in)).resolved(),
+                          same_dir)
+        train_times[f"{args.method} seed 1 (same-method surrogate)"] = _read_time(same_dir)
+        name = f"{args.method}-{args.members} (seed 1)"
+        target_surrogates[name] = str(same)
+        groups[name] = "same-method"
+
+    # 4. the target's evaluation on the same (cached) transfer examples
     if is_baseline:
         target_res = base_res
     else:
         with file_lock(target_dir.with_suffix(".lock"), f"{args.method}'s evaluation"):
-            target_res = _evaluate(args, target_ckpt, surrogates, target_dir / f"eval-{_eval_tag(args)}", cache)
+            target_res = _evaluate(args, target_ckpt, target_surrogates, target_dir / f"eval-{_eval_tag(args)}",
+                                   cache, groups)
 
     wall = time.perf_counter() - t_start
     md = render(args, args.method, target_res, base_res, hp, cmd, wall, train_times)
@@ -423,6 +527,7 @@ def run_reproduction(argv: list[str] | None = None) -> dict[str, Any]:
                                                            if args.train_subset else ""),
         "wall_time_s": wall, "train_time_s": train_times, "machine": target_res["machine"],
         "host": platform.node(), "target": target_res, "baseline": base_res,
+        "code_version": target_res.get("code_version"),
         "markdown_path": str(out_md), "json_path": str(out_json)}
     out_json.write_text(json.dumps(payload, indent=1))
     _log(f"wrote {out_md} and {out_json} ({wall / 60:.1f} min)")
@@ -430,7 +535,7 @@ def run_reproduction(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _eval_tag(args: argparse.Namespace) -> str:
-    return _digest(eval_spec(args, "") | {"autoattack": args.autoattack}, 8)
+    return _digest(eval_spec(args, "") | {"same_method": not args.no_same_method}, 8)
 
 
 def _read_time(d: Path) -> float | None:

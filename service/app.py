@@ -532,6 +532,24 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
                                                         f"{', '.join(method_names())}")
         return describe_method(name)
 
+    @app.get("/v1/attacks", tags=["attacks"])
+    def attacks() -> dict[str, Any]:
+        """Every evaluation attack (evaluate jobs' ``attacks`` / ``transfer_attacks``): its threat model, losses and
+        parameters with defaults and bounds (docs/evaluation.md)."""
+        from ensemble_core.attack_catalog import attack_catalog
+
+        return attack_catalog()
+
+    @app.get("/v1/attacks/{name}", tags=["attacks"], responses=responses_404)
+    def attack(name: str) -> dict[str, Any]:
+        """One evaluation attack with its parameters."""
+        from ensemble_core.attack_catalog import attack_catalog, attack_names
+
+        if name not in attack_names():
+            raise HTTPException(status_code=404, detail=f"unknown attack {name!r}; expected one of "
+                                                        f"{', '.join(attack_names())}")
+        return next(a for a in attack_catalog()["attacks"] if a["name"] == name)
+
     return app
 
 

@@ -459,6 +459,31 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attacks(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        doc = c.attacks()
+    items = [a for a in doc["attacks"] if not args.name or a["name"] == args.name]
+    if args.name and not items:
+        print(f"unknown attack {args.name!r}; expected one of {', '.join(a['name'] for a in doc['attacks'])}",
+              file=sys.stderr)
+        return 2
+    if args.json:
+        _print_json(items if args.name else doc)
+        return 0
+    for a in items:
+        print(f"{a['name']} ({a['threat']}, {a['norm']}): {a['summary']}")
+        print(f"  losses: {', '.join(a['losses'])}")
+        for p, info in a["parameters"].items():
+            ops = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<="}
+            bounds = [f"{ops[k]} {v}" for k, v in info.items() if k in ops]
+            enum = f" one of {', '.join(map(str, info['enum']))}" if info.get("enum") else ""
+            print(f"    {p} = {json.dumps(info.get('default'))}" + (f"  [{', '.join(bounds)}]" if bounds else "")
+                  + enum + (f"  {info['description']}" if info.get("description") else ""))
+    if not args.name:
+        print("losses: " + "; ".join(f"{k}: {v}" for k, v in doc["losses"].items()))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ library commands
 def cmd_train_local(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
@@ -612,6 +637,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", nargs="?")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_methods)
+
+    sp = client_parser("attacks", "evaluation attacks with their losses and parameters (bounds, defaults)")
+    sp.add_argument("name", nargs="?")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_attacks)
 
     sp = sub.add_parser("train-local", help="train on this machine without the service",
                         description="train on this machine without the service (checkpoints every epoch, resumes)")

@@ -176,6 +176,13 @@ class Client:
     def method(self, name: str) -> dict[str, Any]:
         return self._get(f"/v1/methods/{name}")
 
+    def attacks(self) -> dict[str, Any]:
+        """``GET /v1/attacks``: every evaluation attack with its losses and parameters (bounds, defaults)."""
+        return self._get("/v1/attacks")
+
+    def attack(self, name: str) -> dict[str, Any]:
+        return self._get(f"/v1/attacks/{name}")
+
     def ready(self) -> bool:
         try:
             return self.http.get("/readyz", timeout=5.0).status_code == 200

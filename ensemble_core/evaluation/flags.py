@@ -19,6 +19,7 @@ concerns ``unreliable``. Checks:
 * ``invalid_adversarial_examples``: an attack returned non-finite or out-of-ball examples (they were
   replaced by the clean input, never credited).
 * ``surrogate_is_target``: a "transfer" surrogate has the target's weights.
+* ``member_collapse``: a member's clean accuracy is more than ``checks.collapse_gap`` below the best member's.
 * ``attack_failed_unit_test``: on a model built so that an adversarial example provably exists at 0.45·eps
   (``ensemble_core.evaluation.sanity``), the configured attack did not find it for every point.
 """
@@ -124,6 +125,23 @@ def check_monotone(model: str, attack: str, by_eps: dict[float, float], clean_ac
                           f"{attack}: accuracy stays at the clean accuracy {clean_acc:.3f} up to eps {eps[-1]:g}: the "
                           "attack made no progress at all", 0.0, attack=attack, threats=(threat, "worst-case")))
     return flags
+
+
+def check_member_collapse(model: str, member_acc: list[float], gap: float, n: int) -> list[Flag]:
+    """A member far below the best member's clean accuracy: the ensemble is not what its size says."""
+    accs = [a for a in member_acc if a == a]  # drop NaN (no examples)
+    if len(accs) < 2 or n == 0:
+        return []
+    best, worst = max(accs), min(accs)
+    if best - worst <= gap:
+        return []
+    k = member_acc.index(worst)
+    return [Flag("member_collapse", model,
+                 f"member {k} classifies {worst:.3f} of the {n} white-box images correctly clean, against "
+                 f"{best:.3f} for the best member: it has collapsed (undertrained, or pushed off the data by a "
+                 "diversity term); the ensemble's robustness rests on fewer members than it has",
+                 best - worst, threats=ALL_THREATS, details={"member": k, "member_clean_acc": member_acc,
+                                                             "gap": gap})]
 
 
 def check_large_eps(model: str, norm: str, eps: float, acc: float, n: int, majority_share: float,

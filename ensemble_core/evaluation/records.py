@@ -9,6 +9,7 @@ example being classified correctly, is ``robust_acc_among_correct`` and is label
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -28,13 +29,14 @@ from ensemble_core.evaluation.attacks import (
     attack_norm,
     resolved_params,
 )
+from ensemble_core.evaluation.codeversion import code_version
 from ensemble_core.evaluation.flags import (
-    ALL_THREATS,
     Flag,
     apply_flags,
     check_convergence,
     check_invalid,
     check_large_eps,
+    check_member_collapse,
     check_monotone,
     check_probability_outputs,
     check_randomized,
@@ -48,6 +50,21 @@ from ensemble_core.evaluation.state import EvalState
 
 RESULTS_FORMAT = "robust-ensembles/eval-results-v1"
 AMONG_CORRECT_LABEL = "papers' figure: robust accuracy among the examples the model classifies correctly clean"
+
+
+def any_attack_label(norm: str) -> str:
+    """The label of the per-image worst case over every attack, transfer included."""
+    return f"any attack ({norm})"
+
+
+def transfer_worst_label(norm: str) -> str:
+    """The label of the per-image worst case over every transfer attack."""
+    return f"worst case (transfer, {norm})"
+
+
+def conv_label(label: str, steps: int) -> str:
+    """The label of the convergence check's rows: the reported attack with twice the steps."""
+    return f"{label} @{2 * steps} steps (convergence check)"
 
 
 def _bools(state: EvalState, key: str) -> torch.Tensor:
@@ -96,6 +113,8 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
     clean_info: dict[str, Any] = {}
     checks: dict[str, Any] = {}
     member_transfer: dict[str, Any] = {}
+    not_applicable: dict[str, list[str]] = {}
+    flags_info: list[dict[str, Any]] = []
     labels = [attack_label(a) for a in plan.wb]
     tr_labels = [attack_label(a) for a in plan.tr]
     for m in plan.models:
@@ -108,6 +127,8 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
         if plan.tr:
             clean_info[m.name]["clean_acc_transfer_slice"] = _acc(clean, tr_rows)
             clean_info[m.name]["n_examples_transfer_slice"] = int(tr_rows.sum())
+            clean_info[m.name]["member_clean_acc_transfer_slice"] = [
+                _acc(_bools(state, _col(m.name, "member_clean", i)), tr_rows) for i in range(k)]
 
         # ---- model-level checks at the clean points (the check rows)
         n_all = int(_rows(state, _col(m.name, "randomized")).sum())
@@ -122,6 +143,8 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
         flags += check_randomized(m.name, n_random, n_all)
         flags += check_probability_outputs(m.name, m.attacked, n_probs, n_all)
         flags += check_zero_gradients(m.name, n_zero_cw, n_zero_ce, n_all)
+        flags += check_member_collapse(m.name, clean_info[m.name]["member_clean_acc"], plan.spec.checks.collapse_gap,
+                                       clean_info[m.name]["n_examples"])
 
         # ---- white-box and gradient-free records
         robust_by: dict[str, list[tuple[float, torch.Tensor, str]]] = {}  # norm -> (eps, robust, threat)
@@ -129,6 +152,10 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
         for i, a in enumerate(plan.wb):
             norm = attack_norm(a)
             threat = "gradient-free" if a.name in GRADIENT_FREE else "white-box"
+            ran = attack_losses(a, m.ensemble.rule)
+            if not ran:  # e.g. an entry with only vote-aware losses, on a rule that is not a vote: nothing ran
+                not_applicable.setdefault(m.name, []).append(labels[i])
+                continue
             acc_by_attack[i] = {}
             if a.name in MINIMAL_PERTURBATION:
                 dist = state.floats.get(_col(m.name, "wb", i, "dist"))
@@ -145,30 +172,83 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
             else:
                 for e in a.eps:
                     robust = _bools(state, _col(m.name, "wb", i, e)) & clean
-                    records.append(_record(plan, m, threat, labels[i], resolved_params(a, e), norm, e, wb_rows, clean,
-                                           robust))
+                    params = resolved_params(a, e)
+                    if ran != params["losses"]:
+                        params["skipped_losses"] = [x for x in params["losses"] if x not in ran]
+                        params["losses"] = ran
+                    records.append(_record(plan, m, threat, labels[i], params, norm, e, wb_rows, clean, robust))
                     robust_by.setdefault(norm, []).append((e, robust, threat))
                     acc_by_attack[i][e] = _acc(robust, wb_rows)
             flags += check_monotone(m.name, labels[i], acc_by_attack[i], _acc(clean, wb_rows), tol, threat, norm)
             flags += check_invalid(m.name, labels[i], state.counters.get(_col(m.name, "invalid", "wb", i), 0),
                                    (threat, "worst-case"))
 
-        # ---- transfer records (worst case over surrogates, losses and restarts)
+        # ---- the convergence check (the first PGD attack with 2k steps) at every eps: a white-box attack of its
+        # own on the check rows, merged into the worst case; its flag compares it with the reported k steps
+        if plan.convergence is not None:
+            i, eps_list = plan.convergence
+            a = plan.wb[i]
+            conv_checks = []
+            for e in eps_list:
+                key = _col(m.name, "conv", "2k", e)
+                rows = _rows(state, key)
+                robust2k = _bools(state, key) & clean
+                acc_k = _acc(_bools(state, _col(m.name, "wb", i, e)) & clean, rows)  # the reported result there
+                acc_2k = _acc(robust2k, rows)
+                conv_checks.append({"attack": labels[i], "eps": e, "steps": a.steps, "acc_k": acc_k,
+                                    "acc_2k": acc_2k, "n": int(rows.sum())})
+                flags += check_convergence(m.name, labels[i], e, a.steps, acc_k, acc_2k, int(rows.sum()), tol)
+                params = resolved_params(a.model_copy(update={"steps": 2 * a.steps}), e)
+                params["note"] = (f"the convergence check: {labels[i]} repeated with {2 * a.steps} steps (same "
+                                  f"restarts, losses and random starts) on the first {int(rows.sum())} white-box "
+                                  "images; merged into the worst case")
+                records.append(_record(plan, m, "white-box", conv_label(labels[i], a.steps), params, attack_norm(a),
+                                       e, rows & wb_rows, clean, robust2k))
+                # outside the check rows it says nothing: neutral in the worst case
+                robust_by.setdefault(attack_norm(a), []).append((e, robust2k | ~rows, "white-box"))
+            checks[m.name]["convergence"] = conv_checks
+
+        # ---- transfer records: per surrogate group (baseline ensembles; the method's own ensemble trained with
+        # other seeds) and over every surrogate; each the worst case over its surrogates, losses and restarts
         tr_by: dict[str, list[tuple[float, torch.Tensor]]] = {}
+        groups = list(dict.fromkeys(s.group for s in plan.surrogates))
+        group_sets = [("all", plan.surrogates)] + ([(g, [s for s in plan.surrogates if s.group == g])
+                                                    for g in groups] if len(groups) > 1 else [])
         for i, a in enumerate(plan.tr):
             norm = attack_norm(a)
             for e in a.eps:
-                robust = _bools(state, _col(m.name, "tr", i, e)) & clean
-                components = []
-                for s in plan.surrogates:
-                    for loss in attack_losses(a):
-                        r_c = _bools(state, _col(m.name, "tr", i, e, s.name, loss)) & clean
-                        components.append({"surrogate": s.name, "loss": loss, "robust_acc": _acc(r_c, tr_rows)})
-                params = resolved_params(a, e)
-                params["kappa"] = a.kappa
-                records.append(_record(plan, m, "transfer", tr_labels[i], params, norm, e, tr_rows, clean, robust,
-                                       surrogates=[s.describe() for s in plan.surrogates], components=components))
-                tr_by.setdefault(norm, []).append((e, robust))
+                per_component = {(s.name, loss): _bools(state, _col(m.name, "tr", i, e, s.name, loss)) & clean
+                                 for s in plan.surrogates for loss in attack_losses(a)}
+                for group, members in group_sets:
+                    robust = clean.clone()
+                    components = []
+                    for s in members:
+                        for loss in attack_losses(a):
+                            r_c = per_component[(s.name, loss)]
+                            robust &= r_c
+                            components.append({"surrogate": s.name, "group": s.group, "loss": loss,
+                                               "robust_acc": _acc(r_c, tr_rows)})
+                    params = resolved_params(a, e)
+                    params["kappa"] = a.kappa
+                    params["crafted_on"] = "each surrogate's log of mean probabilities (transfer_view)"
+                    records.append(_record(plan, m, "transfer", tr_labels[i], params, norm, e, tr_rows, clean, robust,
+                                           surrogate_group=group, surrogates=[s.describe() for s in members],
+                                           components=components))
+                    if group == "all":
+                        tr_by.setdefault(norm, []).append((e, robust))
+        for norm, items in tr_by.items():  # per image, the worst case over every transfer attack (and eps' <= eps)
+            for e in sorted({e for e, _ in items}):
+                robust = clean & tr_rows
+                for e2, r in items:
+                    if e2 <= e + 1e-12:
+                        robust = robust & r
+                params = {"name": "worst-case", "over": [tr_labels[i] for i, a in enumerate(plan.tr)
+                                                         if attack_norm(a) == norm],
+                          "rule": "per example: robust only if robust to every transfer attack, surrogate, loss "
+                                  "and seed at every eps' <= eps"}
+                records.append(_record(plan, m, "transfer", transfer_worst_label(norm), params, norm, e, tr_rows,
+                                       clean, robust, surrogate_group="all",
+                                       surrogates=[s.describe() for s in plan.surrogates]))
         for s in plan.surrogates:
             if s.fingerprint == m.fingerprint:
                 flags += check_surrogate_is_target(m.name, s.name)
@@ -194,7 +274,7 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
                 wc_acc[norm][e] = _acc(robust, wb_rows)
             if norm in tr_by:
                 shared = wb_rows & tr_rows
-                for e in eps_all:
+                for e in sorted(set(eps_all) | {e2 for e2, _ in tr_by[norm]}):
                     robust = clean & shared
                     for e2, r, _ in items:
                         if e2 <= e + 1e-12:
@@ -202,10 +282,12 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
                     for e2, r in tr_by[norm]:
                         if e2 <= e + 1e-12:
                             robust = robust & r
-                    params = {"name": "worst-case", "over": "every white-box, gradient-free and transfer attack",
-                              "rule": "per example, at every eps' <= eps, on the examples in both slices"}
-                    records.append(_record(plan, m, "worst-case", f"worst case ({norm}, incl. transfer)", params, norm,
-                                           e, shared, clean, robust))
+                    params = {"name": "any attack", "over": "every white-box, gradient-free and transfer attack "
+                                                            "(every surrogate)",
+                              "rule": "per example: robust only if robust to every attack at every eps' <= eps; "
+                                      "on the white-box images (they are inside the transfer slice)"}
+                    records.append(_record(plan, m, "worst-case", any_attack_label(norm), params, norm, e, shared,
+                                           clean, robust))
 
         # ---- comparisons between attack families
         grad_wc: dict[str, dict[float, float]] = {}
@@ -220,13 +302,15 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
                 grad_wc[norm][e] = _acc(robust, wb_rows)
         for i, a in enumerate(plan.wb):
             norm = attack_norm(a)
+            if i not in acc_by_attack:  # not run on this model (no applicable loss)
+                continue
             if a.name in GRADIENT_FREE and grad_wc.get(norm):
                 flags += check_weaker_attack_beats_stronger(
                     m.name, "gradient_free_beats_white_box", acc_by_attack[i], grad_wc[norm], tol,
                     f"the gradient-free {labels[i]}")
             if a.name == "fgsm":
                 for j, b in enumerate(plan.wb):
-                    if b.name in ("bim", "mim", "pgd"):
+                    if b.name in ("bim", "mim", "pgd", "mora") and j in acc_by_attack:
                         flags += check_weaker_attack_beats_stronger(
                             m.name, "single_step_beats_iterative", acc_by_attack[i],
                             {e: v for e, v in acc_by_attack[j].items() if e in acc_by_attack[i]}, tol,
@@ -266,14 +350,6 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
             flags += check_large_eps(m.name, norm, e, acc, n, share, tol)
             flags += check_invalid(m.name, None, state.counters.get(_col(m.name, "invalid", "large"), 0),
                                    ("white-box", "worst-case"))
-        if plan.convergence is not None:
-            i, e = plan.convergence
-            rows = _rows(state, _col(m.name, "conv", "2k"))
-            acc_k = _acc(_bools(state, _col(m.name, "wb", i, e)) & clean, rows)  # the reported result
-            acc_2k = _acc(_bools(state, _col(m.name, "conv", "2k")) & clean, rows)
-            checks[m.name]["convergence"] = {"attack": labels[i], "eps": e, "steps": plan.wb[i].steps,
-                                             "acc_k": acc_k, "acc_2k": acc_2k, "n": int(rows.sum())}
-            flags += check_convergence(m.name, labels[i], e, plan.wb[i].steps, acc_k, acc_2k, int(rows.sum()), tol)
         for counter in ("mt",):
             flags += check_invalid(m.name, None, state.counters.get(_col(m.name, "invalid", counter), 0), ())
 
@@ -300,6 +376,10 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
                 "transfer_rate_label": "transfer_rate[i][j]: share of member i's successful adversarial examples "
                                        "(on images both members classify correctly clean) that also fool member j"}
 
+    for name, entries in not_applicable.items():
+        flags_info.append({"model": name, "not_applicable": entries,
+                           "message": "these attack entries have only losses that do not apply to the model's "
+                                      "deployed rule (vote-aware losses on a rule that is not a vote); no record"})
     unit_tests = []
     for kind, attacks, names, threats in (("wb", plan.wb, labels, ("white-box", "gradient-free", "worst-case")),
                                          ("tr", plan.tr, tr_labels, ("transfer",))):
@@ -313,10 +393,20 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
                 unit_tests.append({"attack": names[i], "threat": kind, "eps": e, "n": n, "missed": missed})
                 for m in plan.models:
                     flags += check_unit_test(m.name, names[i], e, missed, n, threats)
+    # A surrogate's problems concern the transfer records of the targets it attacked (and their "any attack"
+    # rows), not only the surrogate's name.
     for s in plan.surrogates:
         for i in range(len(plan.tr)):
-            flags += check_invalid(s.name, tr_labels[i], state.counters.get(_col(s.name, "invalid", "tr", i), 0),
-                                   ALL_THREATS)
+            count = state.counters.get(_col(s.name, "invalid", "tr", i), 0)
+            for m in plan.models:
+                flags += [dataclasses.replace(f, message=f"surrogate {s.name!r}: {f.message}",
+                                              details={**f.details, "surrogate": s.name})
+                          for f in check_invalid(m.name, tr_labels[i], count, ("transfer",))]
+                if count:
+                    flags += [dataclasses.replace(f, attack=any_attack_label(attack_norm(plan.tr[i])),
+                                                  message=f"surrogate {s.name!r}: {f.message}",
+                                                  threats=("worst-case",))
+                              for f in check_invalid(m.name, None, count, ("worst-case",))]
     apply_flags(records, flags)
     result: dict[str, Any] = {
         "format": RESULTS_FORMAT, "spec": plan.spec.resolved(), "dataset": plan.dataset, "split": plan.spec.split,
@@ -328,7 +418,7 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
         "surrogates": {s.name: s.describe() for s in plan.surrogates},
         "clean": clean_info, "records": records, "flags": [f.to_dict() for f in flags],
         "unreliable": any(r["unreliable"] for r in records), "checks": checks, "member_transfer": member_transfer,
-        "attack_unit_tests": unit_tests,
+        "attack_unit_tests": unit_tests, "notes": flags_info, "code_version": code_version(),
         "timings_s": {k: round(v, 3) for k, v in state.timings.items()}, "wall_time_s": wall_time_s,
         "machine": machine_info(), "artifacts": []}
     result = _finite(result)
@@ -399,27 +489,37 @@ def build_tables(result: dict[str, Any]) -> list[dict[str, Any]]:
             for name in models:
                 by = {r["eps"]: r for r in wb if r["attack"] == a and r["model"] == name}
                 if by:
-                    rows.append([a, name] + [_cell(by[e], False) if e in by else "" for e in eps])
-        n = wb[0]["n_examples"]
-        tables.append(_table(f"white_box_{norm}", f"White-box robust accuracy (%), {norm}, {n} examples, seed "
-                             f"{result['seed']}, attacks on the deployed rule (surrogate gradients where it is not "
-                             "differentiable)", ["attack", "model"] + [f"eps {e:g}" for e in eps], rows,
+                    n_rows = {r["n_examples"] for r in by.values()}
+                    rows.append([a, name, "/".join(str(v) for v in sorted(n_rows))]
+                                + [_cell(by[e], False) if e in by else "" for e in eps])
+        tables.append(_table(f"white_box_{norm}", f"White-box robust accuracy (%), {norm}, seed {result['seed']}, "
+                             "attacks on the deployed rule (its differentiable view where it is not differentiable; "
+                             "every iterate of our iterative attacks scored on the rule)",
+                             ["attack", "model", "n"] + [f"eps {e:g}" for e in eps], rows,
                              "Robust accuracy over all examples (wrong clean counts as not robust); ⚠ = flagged, "
-                             "unreliable."))
+                             "unreliable. 'any attack' is the per-image worst case over every white-box, "
+                             "gradient-free and transfer attack at every eps' <= eps."))
     tr = [r for r in recs if r["threat"] == "transfer"]
     if tr:
         cols = list(dict.fromkeys((r["attack"], r["eps"]) for r in tr))
         rows = []
+        groups = list(dict.fromkeys(r.get("surrogate_group", "all") for r in tr))
         for name in models:
-            by = {(r["attack"], r["eps"]): r for r in tr if r["model"] == name}
-            rows.append([name] + [_cell(by[c], True) if c in by else "" for c in cols])
+            for g in groups:
+                by = {(r["attack"], r["eps"]): r for r in tr if r["model"] == name
+                      and r.get("surrogate_group", "all") == g}
+                if by:
+                    rows.append([name, g] + [_cell(by[c], True) if c in by else "" for c in cols])
         n = tr[0]["n_examples"]
-        surr = ", ".join(f"{s} ({d['members']} members)" for s, d in result["surrogates"].items())
+        surr = ", ".join(f"{s} ({d['members']} members, {d.get('group', 'baseline')})"
+                         for s, d in result["surrogates"].items())
         tables.append(_table("transfer", f"Black-box transfer robust accuracy (%), {n} examples, seed {result['seed']},"
-                             f" surrogates: {surr}", ["model"] + [f"{a} eps {e:g}" for a, e in cols], rows,
+                             f" surrogates: {surr}", ["model", "surrogates"] + [f"{a} eps {e:g}" for a, e in cols],
+                             rows,
                              "Each cell: robust accuracy over all examples / the papers' figure, among the examples "
-                             "the model classifies correctly clean. Per example the worst case over every surrogate, "
-                             "loss and restart."))
+                             "the model classifies correctly clean. Per example the worst case over the row's "
+                             "surrogates (all, or one group), both losses and every restart; crafted on each "
+                             "surrogate's log of mean probabilities."))
     for name, mt in result["member_transfer"].items():
         k = len(mt["accuracy"])
         rows = [[f"member {i}"] + [_pct(mt["accuracy"][i][j]) for j in range(k)] for i in range(k)]

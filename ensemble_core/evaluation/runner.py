@@ -51,8 +51,10 @@ from ensemble_core.evaluation.attacks import (
     default_alpha,
     derive_seed,
     run_attack,
+    run_scored,
     sanitize,
 )
+from ensemble_core.evaluation.codeversion import evaluation_code_fingerprint
 from ensemble_core.evaluation.state import EvalState
 from ensemble_core.spec import AttackSpec, EvaluateSpec
 
@@ -67,15 +69,31 @@ class EvaluationStopped(Exception):
     """``should_stop()`` asked the evaluation to stop; the state was saved first."""
 
 
+PROTOCOL_TRANSFER_PGD_SEEDS = 3
+
+
 def protocol_transfer_attacks(dataset: str) -> list[AttackSpec]:
-    """PROTOCOL.md's black-box set: FGSM; BIM, MIM (momentum 1.0), PGD (random start), 10 steps of eps/5;
-    each with cross-entropy and the CW margin (κ = 0.1) on the surrogate's attack target."""
+    """PROTOCOL.md's black-box set: FGSM; BIM, MIM (momentum 1.0), PGD (random start, 3 seeds), 10 steps of
+    eps/5; each with cross-entropy and the CW margin (κ = 0.1), crafted on the surrogate's log of mean
+    probabilities (:func:`transfer_view`)."""
     eps = PROTOCOL_TRANSFER_EPS.get(dataset, [0.1, 0.15, 0.2, 0.25])
     common: dict[str, Any] = {"eps": eps, "losses": ["ce", "cw"], "kappa": 0.1}
     return [AttackSpec(name="fgsm", **common),
             AttackSpec(name="bim", steps=10, alpha_ratio=0.2, **common),
             AttackSpec(name="mim", steps=10, alpha_ratio=0.2, momentum=1.0, **common),
-            AttackSpec(name="pgd", steps=10, alpha_ratio=0.2, random_start=True, **common)]
+            AttackSpec(name="pgd", steps=10, alpha_ratio=0.2, random_start=True,
+                       restarts=PROTOCOL_TRANSFER_PGD_SEEDS, **common)]
+
+
+def transfer_view(ens: Ensemble) -> Ensemble:
+    """What transfer attacks differentiate on a surrogate: the log of its (voters') mean probabilities.
+
+    PROTOCOL.md and the CLDL reference code craft on the log of mean probabilities: a surrogate whose own
+    attack target already is one (``log_mean_probs``, DKD's ``log_mean_probs_aux``) keeps it; any other
+    (``mean_logits``, ...) is attacked through ``log_mean_probs`` over all its members.
+    """
+    target = ens.attack_target()
+    return target if target.rule.outputs == "log_probs" else ens.with_combine("log_mean_probs")
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -90,6 +108,7 @@ class EvalModel:
     ref: str
     fingerprint: str
     train_spec: dict[str, Any] | None = None
+    group: str = "baseline"  # surrogates: "baseline" (baseline ensembles) or "same-method" (the method, other seeds)
 
     @property
     def deployed(self) -> str:
@@ -102,6 +121,7 @@ class EvalModel:
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "ref": self.ref, "members": len(self.ensemble),
                              "deployed_rule": self.deployed, "attacked_rule": self.attacked,
+                             "transfer_view": transfer_view(self.ensemble).combine, "group": self.group,
                              "fingerprint": self.fingerprint[:16]}
         if self.train_spec:
             d.update(method=self.train_spec.get("method"), architecture=self.train_spec.get("architecture"),
@@ -188,7 +208,7 @@ class EvalPlan:
     tr: list[AttackSpec]
     member_eps: float | None
     member_alpha: float | None
-    convergence: tuple[int, float] | None  # (white-box attack index, eps)
+    convergence: tuple[int, list[float]] | None  # (white-box attack index, every eps of that attack)
     large_eps: dict[str, float]
     device: torch.device
     fingerprint: str = ""
@@ -212,7 +232,7 @@ def _fingerprint(plan: EvalPlan) -> str:
                "surrogates": [(m.name, m.fingerprint) for m in plan.surrogates],
                "indices": hashlib.sha256(json.dumps(plan.indices).encode()).hexdigest(),
                "tr": [a.model_dump(mode="json") for a in plan.tr], "dataset": plan.dataset,
-               "torchattacks": getattr(torchattacks, "__version__", "")}
+               "torchattacks": getattr(torchattacks, "__version__", ""), "code": evaluation_code_fingerprint()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -220,8 +240,13 @@ def prepare_plan(spec: EvaluateSpec | dict[str, Any], target: Ensemble | str | P
                  baseline: Ensemble | str | Path | EvalModel | None = None,
                  surrogates: Sequence[Ensemble | str | Path | EvalModel] | dict[str, Any] = (),
                  dataset: str | None = None, data_dir: str | None = None,
-                 device: torch.device | str | None = None, test_set: TensorDataset | None = None) -> EvalPlan:
-    """Resolve models, the example subset and every attack's parameters."""
+                 device: torch.device | str | None = None, test_set: TensorDataset | None = None,
+                 surrogate_groups: dict[str, str] | None = None) -> EvalPlan:
+    """Resolve models, the example subset and every attack's parameters.
+
+    ``surrogate_groups`` names each surrogate's group (default ``baseline``; e.g. ``same-method`` for the
+    method's own ensemble trained with other seeds): transfer records are reported per group and over all.
+    """
     spec = spec if isinstance(spec, EvaluateSpec) else EvaluateSpec.model_validate(spec)
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
@@ -231,6 +256,8 @@ def prepare_plan(spec: EvaluateSpec | dict[str, Any], target: Ensemble | str | P
     named = surrogates.items() if isinstance(surrogates, dict) else [
         (f"surrogate{i + 1}" if len(surrogates) > 1 else "surrogate", s) for i, s in enumerate(surrogates)]
     surr = [load_model(s, n, device=device) for n, s in named]
+    for s in surr:
+        s.group = (surrogate_groups or {}).get(s.name, s.group)
 
     ds_names = {m.train_spec.get("dataset") for m in models + surr if m.train_spec}
     if dataset is None and test_set is not None and not ds_names:
@@ -279,7 +306,7 @@ def prepare_plan(spec: EvaluateSpec | dict[str, Any], target: Ensemble | str | P
     if spec.checks.convergence:
         for i, a in enumerate(wb):
             if a.name in ("pgd", "pgdl2"):
-                convergence = (i, sorted(a.eps)[len(a.eps) // 2])
+                convergence = (i, sorted(float(e) for e in a.eps))
                 break
     large: dict[str, float] = {}
     norms = {attack_norm(a) for a in wb}
@@ -330,10 +357,10 @@ def plan_units(plan: EvalPlan) -> list[Unit]:
     for norm, e in plan.large_eps.items():
         units.append(Unit(f"check_large|{norm}", "large", plan.spec.checks.large_eps_steps * 2 * nm, None, e, norm))
     if plan.convergence is not None:
-        i, e = plan.convergence
+        i, eps_list = plan.convergence
         a = plan.wb[i]
-        units.append(Unit("check_conv", "conv", 2 * a.steps * a.restarts * len(attack_losses(a)) * nm, i, e,
-                          attack_norm(a)))
+        units += [Unit(f"check_conv|{e:g}", "conv", 2 * a.steps * a.restarts * len(attack_losses(a)) * nm, i, e,
+                       attack_norm(a)) for e in eps_list]
     if plan.member_eps is not None and plan.spec.member_transfer is not None:
         units.append(Unit("member_transfer", "mt", plan.spec.member_transfer.steps * nm, None, plan.member_eps,
                           "Linf"))
@@ -370,23 +397,30 @@ class _Runner:
                           robust: torch.Tensor, tag: tuple[Any, ...], counter: str,
                           losses: list[str] | None = None, restarts: int | None = None,
                           steps: int | None = None) -> torch.Tensor:
-        """Attack the still-robust rows under every loss and restart; returns the per-example worst case."""
-        target = m.ensemble.attack_target()
+        """Attack the still-robust rows under every loss and restart; returns the per-example worst case.
+
+        Iterative attacks score every iterate on the deployed rule (an example is broken if any iterate is
+        misclassified); the example kept is then re-checked, after projection into the threat model, on the
+        deployed rule, so only breaks shown by a valid example count. Losses that do not apply to the model's
+        rule (vote-aware losses on a rule that is not a vote) are skipped.
+        """
+        ens = m.ensemble
+        target = ens.attack_target()
         norm = attack_norm(a)
-        spec_a = a if steps is None else a.model_copy(update={"steps": steps})
         robust = robust.clone()
         n_restarts = restarts or (a.restarts if a.name in RANDOMISED else 1)
-        for loss in losses or attack_losses(a):
+        for loss in losses or attack_losses(a, ens.rule):
             for r in range(n_restarts):
                 idx = robust.nonzero().squeeze(1)
                 if idx.numel() == 0:
                     return robust
                 seed = derive_seed(self.seed, *tag, loss, r)
-                atk = build_attack(target, spec_a, eps, loss, num_classes=self.plan.num_classes, seed=seed)
-                adv = run_attack(atk, x[idx], y[idx], seed)
-                adv, bad = sanitize(adv, x[idx], eps, norm)
+                atk = build_attack(target, a, eps, loss, num_classes=self.plan.num_classes, seed=seed,
+                                   deployed=ens.rule, steps=steps)
+                out = run_scored(atk, x[idx], y[idx], seed, ens.rule.predict_labels)
+                adv, bad = sanitize(out.adv, x[idx], eps, norm)
                 self.state.add(counter, int(bad.sum()))
-                robust[idx] = deployed_predict(m.ensemble, adv) == y[idx]
+                robust[idx] = deployed_predict(ens, adv) == y[idx]
         return robust
 
     # --------------------------------------------------------------------------------- the units
@@ -495,11 +529,13 @@ class _Runner:
             self.state.set_bools(_col(m.name, "large", u.norm), range(lo, hi), robust, rows)
 
     def run_conv(self, u: Unit, b: int, lo: int, hi: int) -> None:
-        """The reported attack again with twice the steps (same restarts, losses and random starts)."""
+        """The reported attack again at ``u.eps`` with twice the steps (same restarts, losses and random starts);
+        what it breaks enters the worst case."""
         rows = self.plan.in_check[lo:hi]
+        key = _col("conv", "2k", u.eps)
         if not rows.any():
             for m in self.plan.models:
-                self.state.set_bools(_col(m.name, "conv", "2k"), range(lo, hi), rows, rows)
+                self.state.set_bools(_col(m.name, key), range(lo, hi), rows, rows)
             return
         x, y = self.batch(lo, hi)
         a = self.plan.wb[u.attack]  # type: ignore[index]
@@ -507,7 +543,7 @@ class _Runner:
             ok = self.clean_ok(m.name, lo, hi) & rows.to(x.device)
             robust = self.attack_worst_case(m, a, u.eps, x, y, ok, ("wb", u.attack, u.eps, b),  # type: ignore[arg-type]
                                             _col(m.name, "invalid", "conv"), steps=2 * a.steps)
-            self.state.set_bools(_col(m.name, "conv", "2k"), range(lo, hi), robust, rows)
+            self.state.set_bools(_col(m.name, key), range(lo, hi), robust, rows)
 
     def run_member_transfer(self, u: Unit, b: int, lo: int, hi: int) -> None:
         mt = self.plan.spec.member_transfer
@@ -532,7 +568,9 @@ class _Runner:
         They depend only on the surrogate, the attack and the images, never on the target, so every target
         scored with the same cache sees the same examples."""
         tests = [self.plan.indices[i] for i in rows_idx]
-        key = transfer_cache_key(s.fingerprint, a, eps, loss, r, self.seed, self.plan.dataset, tests)
+        view = transfer_view(s.ensemble)
+        key = transfer_cache_key(f"{s.fingerprint}|view={view.combine}", a, eps, loss, r, self.seed,
+                                 self.plan.dataset, tests)
         path = self.cache_dir / key[:2] / f"{key}.pt" if self.cache_dir else None
         if path is not None and path.exists():
             try:
@@ -540,7 +578,7 @@ class _Runner:
             except Exception as e:  # a torn or foreign file: recompute and overwrite
                 self.log(f"transfer cache entry {path} unreadable ({e}); recomputing")
         seed = derive_seed("tr", key)
-        atk = build_attack(s.ensemble.attack_target(), a, eps, loss, num_classes=self.plan.num_classes, seed=seed)
+        atk = build_attack(view, a, eps, loss, num_classes=self.plan.num_classes, seed=seed)
         adv, bad = sanitize(run_attack(atk, x, y, seed), x, eps, attack_norm(a))
         self.state.add(_col(s.name, "invalid", "tr", a_idx), int(bad.sum()))
         if path is not None:
@@ -624,7 +662,9 @@ def transfer_cache_key(surrogate_fingerprint: str, a: AttackSpec, eps: float, lo
               "n_queries": a.n_queries if name == "square" else None,
               "version": a.version if name == "autoattack" else None,
               "c": a.c if name == "cw" else None, "lr": a.lr if name == "cw" else None}
-    payload = [surrogate_fingerprint, params, seed, dataset, test_indices, getattr(torchattacks, "__version__", "")]
+    params.update(vote_temperature=a.vote_temperature, mora_mode=a.mora_mode)
+    payload = [surrogate_fingerprint, params, seed, dataset, test_indices, getattr(torchattacks, "__version__", ""),
+               evaluation_code_fingerprint()]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -658,7 +698,8 @@ def run_evaluation(spec: EvaluateSpec | dict[str, Any], target: Ensemble | str |
                    cache_dir: str | Path | None = None, dataset: str | None = None, data_dir: str | None = None,
                    device: torch.device | str | None = None, progress: ProgressFn | None = None,
                    should_stop: Callable[[], bool] | None = None, log: Callable[[str], None] = print,
-                   plots: bool = True, test_set: TensorDataset | None = None) -> dict[str, Any]:
+                   plots: bool = True, test_set: TensorDataset | None = None,
+                   surrogate_groups: dict[str, str] | None = None) -> dict[str, Any]:
     """Evaluate ``target`` (and ``baseline``) under ``spec``; returns the results dict.
 
     With ``out_dir``, writes ``results.json`` and the PNG plots there, and keeps the resumable state in
@@ -669,7 +710,7 @@ def run_evaluation(spec: EvaluateSpec | dict[str, Any], target: Ensemble | str |
 
     t0 = time.perf_counter()
     plan = prepare_plan(spec, target, baseline=baseline, surrogates=surrogates, dataset=dataset,
-                        data_dir=data_dir, device=device, test_set=test_set)
+                        data_dir=data_dir, device=device, test_set=test_set, surrogate_groups=surrogate_groups)
     if state_path is None and out_dir is not None:
         state_path = Path(out_dir) / "eval_state.json"
     state = compute(plan, state_path=state_path, cache_dir=cache_dir, progress=progress,

@@ -104,6 +104,16 @@ def test_submit_returns_201_with_the_resolved_spec_and_the_job_reads_back(api: A
     ("evaluate", {"target_job": "not-a-uuid"}, "spec.target_job"),
     ("evaluate", {"target_job": str(uuid.UUID(int=7))}, "spec.target_job"),
     ("evaluate", {"target_checkpoint": "/x.pt", "attacks": [{"name": "pgd", "eps": []}]}, "spec.attacks.0.eps"),
+    ("evaluate", {"target_checkpoint": "/x.pt", "attacks": [{"name": "mora", "steps": 0}]}, "spec.attacks.0.steps"),
+    ("evaluate", {"target_checkpoint": "/x.pt", "attacks": [{"name": "mora", "losses": ["vote"]}]},
+     "spec.attacks.0"),
+    ("evaluate", {"target_checkpoint": "/x.pt", "attacks": [{"name": "pgd", "losses": ["hinge"]}]},
+     "spec.attacks.0.losses.0"),
+    ("evaluate", {"target_checkpoint": "/x.pt", "attacks": [{"name": "pgd", "vote_temperature": 0}]},
+     "spec.attacks.0.vote_temperature"),
+    ("evaluate", {"target_checkpoint": "/x.pt", "transfer_attacks": [{"name": "pgd", "losses": ["vote"]}]},
+     "spec.transfer_attacks"),
+    ("evaluate", {"target_checkpoint": "/x.pt", "checks": {"collapse_gap": 2}}, "spec.checks.collapse_gap"),
     ("tune", {"base": {"members": 0}, "search_space": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}},
      "spec.base.members"),
     ("tune", {"base": {}, "search_space": {"lr": {"type": "uniform", "low": 1, "high": 0}}},
@@ -334,10 +344,19 @@ def test_health_readiness_methods_and_openapi(api: Api, pg_server: Any) -> None:
     assert api.client.get("/v1/methods/baseline").json()["name"] == "baseline"
     assert api.client.get("/v1/methods/nope").status_code == 404
 
+    attacks = api.client.get("/v1/attacks").json()
+    by = {a["name"]: a for a in attacks["attacks"]}
+    assert {"pgd", "mora", "autoattack", "autoattack_port", "square", "fgsm"} <= set(by)
+    assert by["mora"]["losses"] == ["ce", "cw", "dlr"] and "mora_mode" in by["mora"]["parameters"]
+    assert by["pgd"]["parameters"]["steps"] == {"default": 40, "minimum": 1, "maximum": 10000}
+    assert "vote" in by["pgd"]["losses"] and "vote" in attacks["losses"]
+    assert api.client.get("/v1/attacks/mora").json()["name"] == "mora"
+    assert api.client.get("/v1/attacks/nope").status_code == 404
+
     schema = api.client.get("/openapi.json").json()
     for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/metrics",
                  "/v1/jobs/{job_id}/logs", "/v1/jobs/{job_id}/results", "/v1/jobs/{job_id}/artifacts",
-                 "/v1/jobs/{job_id}/artifacts/{name}", "/v1/methods", "/healthz", "/readyz"):
+                 "/v1/jobs/{job_id}/artifacts/{name}", "/v1/methods", "/v1/attacks", "/healthz", "/readyz"):
         assert path in schema["paths"], path
     assert "Idempotency-Key" in json.dumps(schema["paths"]["/v1/jobs"]["post"])
 

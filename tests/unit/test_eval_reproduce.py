@@ -46,12 +46,21 @@ def test_budget_key_is_shared_across_methods_and_separates_budgets() -> None:
 def test_evaluation_follows_the_protocol() -> None:
     e = EvaluateSpec.model_validate(reproduce.eval_spec(_args(), "x.pt"))
     assert e.n_examples == 500 and e.transfer_n_examples == 2000 and e.split == "report" and e.seed == 0
-    [pgd] = e.attacks
+    assert e.checks.n_examples == 500 and e.checks.convergence  # the convergence check on every white-box image
+    names = [(a.name, tuple(a.losses or [a.loss])) for a in e.attacks]
+    assert names == [("pgd", ("ce",)), ("pgd", ("cw", "dlr")), ("fgsm", ("ce", "cw")), ("square", ("cw",)),
+                     ("mora", ("ce", "dlr")), ("pgd", ("vote", "softvote")), ("autoattack", ("ce",))]
+    pgd = e.attacks[0]  # the earlier pages' headline, kept first
     assert (pgd.name, pgd.steps, pgd.alpha_ratio, pgd.restarts, pgd.eps) == ("pgd", 50, 0.1, 5, [0.1, 0.2, 0.3])
+    assert e.attacks[3].n_queries == 5000 and e.attacks[4].steps == 100
+    assert e.attacks[-1].eps == [0.1, 0.2, 0.3] and e.attacks[-1].version == "standard"  # reference AA, every eps
     assert e.transfer_attacks == []  # the library fills in PROTOCOL.md's transfer set for the data set
-    aa = EvaluateSpec.model_validate(reproduce.eval_spec(_args("--autoattack", "--dataset", "fashion_mnist"), "x"))
+    aa = EvaluateSpec.model_validate(reproduce.eval_spec(_args("--autoattack", "middle", "--dataset",
+                                                               "fashion_mnist"), "x"))
     assert aa.attacks[0].eps == [0.05, 0.1, 0.15]
-    assert aa.attacks[1].name == "autoattack" and aa.attacks[1].eps == [0.1]
+    assert aa.attacks[-1].name == "autoattack" and aa.attacks[-1].eps == [0.1]
+    none = EvaluateSpec.model_validate(reproduce.eval_spec(_args("--autoattack", "none"), "x"))
+    assert all(a.name != "autoattack" for a in none.attacks)
 
 
 def test_hp_parsing() -> None:
@@ -89,7 +98,7 @@ def test_render_reports_every_part(tmp_path: Path) -> None:
 
     test = synthetic_dataset(n=1300, seed=4, size=8)
     test = TensorDataset(test.images, test.labels, info)
-    args = _args("--quick")
+    args = _args("--quick", "--autoattack", "middle")
     spec = reproduce.eval_spec(args, "in-memory") | {"n_examples": 40, "transfer_n_examples": 60, "batch_size": 30}
     surr = {"baseline-3 (seed 1)": Ensemble(members(1, 3), "mean_logits"),
             "baseline-5 (seed 2)": Ensemble(members(2, 5), "mean_logits")}
@@ -99,9 +108,12 @@ def test_render_reports_every_part(tmp_path: Path) -> None:
                           {"method": 10.0, "baseline": None})
     assert "Black-box transfer" in md and "White-box" in md and "Clean accuracy" in md
     assert "| baseline |" in md and "| method |" in md
-    assert "FGSM ε=0.1" in md and "PGD-10 ε=0.25" in md  # attack × eps columns
+    assert "FGSM ε=0.1" in md and "PGD-10×3 ε=0.25" in md  # attack × eps columns
     assert "among the images the model classifies correctly clean" in md
     assert "`--quick`" in md and "python -m x" in md and "Wall time of this invocation: 1.0 min" in md
     assert "evaluation compute, summed over resumed runs: baseline " in md and ", method " in md
     assert "Automatic flags" in md and "checks run" in md
     assert "higher in" in md  # the plain comparison sentence
+    assert "any attack" in md and "white-box, worst case" in md and "transfer, worst case" in md
+    assert "mora-" in md and "square-500q" in md and "@20 steps (convergence check)" in md
+    assert "Evaluation code `" in md
