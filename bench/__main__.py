@@ -17,6 +17,7 @@ BENCHMARKS = {
     "queue": "bench.queue_bench",
     "eval": "bench.evaluation",
     "storm": "bench.storm",
+    "fuzz": "bench.fuzz",
 }
 
 

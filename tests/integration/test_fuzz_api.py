@@ -31,6 +31,9 @@ from service.settings import Settings
 pytestmark = pytest.mark.integration
 
 EXAMPLES = int(os.environ.get("RE_FUZZ_EXAMPLES", "24"))  # per operation; the test must stay well under 60 s
+# stateful sequences (operations chained by the links schemathesis infers: POST /v1/jobs -> GET /v1/jobs/{id} ...)
+STATEFUL_EXAMPLES = int(os.environ.get("RE_FUZZ_STATEFUL_EXAMPLES", "15"))
+STATEFUL_STEPS = int(os.environ.get("RE_FUZZ_STATEFUL_STEPS", "10"))  # most steps per sequence
 TRAIN = {"method": "baseline", "members": 2, "epochs": 1, "train_subset": 500}
 
 
@@ -141,3 +144,76 @@ def test_fuzzing_the_openapi_schema_finds_no_5xx(pg_url: str, tmp_path: Path) ->
     assert statuses[401] > 0 and statuses[404] > 0 and statuses[422] > 0 and statuses[200] > 0, statuses
     assert server_errors == [], "\n".join(server_errors[:10])
     uuid.UUID(ids["terminal"][0])
+
+
+def test_stateful_sequences_find_no_5xx(pg_url: str, tmp_path: Path) -> None:
+    """Sequences of calls chained by the links schemathesis 4 infers from the schema (a job created by
+    ``POST /v1/jobs`` is then read, cancelled, listed, its logs and artifacts asked for ...), against the
+    same app with auth on. Tokens rotate (a hash of the case picks one) between a user, an admin, another
+    owner and none; a ``logs`` call never follows (a job created here never ends). The property: no 5xx, no exception.
+    Printed: ``fuzz stateful: <sequences> sequences, <steps> steps (<linked> following a link) ...``."""
+    import zlib
+
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, settings
+
+    migrate.upgrade(pg_url)
+    cfg = Settings(data_dir=tmp_path, database_url=pg_url, auth=True, retry_backoff_seconds=0.0)
+    app = create_app(cfg, warm=False)
+    store = TokenStore(app.state.queue.engine)
+    alice, _ = store.create("alice")
+    bob, _ = store.create("bob")
+    admin, _ = store.create("ops", admin=True)
+    with TestClient(app) as client:
+        _seed_jobs(client, app, cfg, alice, bob)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    tokens = [alice, alice, alice, alice, admin, bob, None]
+    counts: Counter[str] = Counter()
+    statuses: Counter[int] = Counter()
+    links: Counter[str] = Counter()
+    server_errors: list[str] = []
+
+    class Machine(schema.as_state_machine()):  # type: ignore[misc]
+        def setup(self) -> None:
+            counts["sequences"] += 1
+
+        def step(self, input: Any) -> Any:
+            counts["steps"] += 1
+            if input.transition is not None:
+                counts["linked"] += 1
+                links[input.transition.id] += 1
+            return super().step(input)
+
+        def before_call(self, case: Any) -> None:
+            if case.operation.path.endswith("/logs"):
+                case.query = {**(case.query or {}), "follow": "false"}
+
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            # the token is a function of the case (not of outside randomness): hypothesis replays a sequence
+            # and must see the same answers, or it reports flaky data generation
+            key = repr((case.operation.label, case.path_parameters, case.query, case.headers, case.body))
+            token = tokens[zlib.crc32(key.encode("utf-8", "surrogatepass")) % len(tokens)]
+            return {"headers": {"Authorization": f"Bearer {token}"}} if token else {}
+
+        def call(self, case: Any, **kwargs: Any) -> Any:
+            try:
+                return case.call(**kwargs)
+            except Exception as e:  # an exception escaping the app is a server error too
+                server_errors.append(f"{case.operation.label}: {type(e).__name__}: {e}")
+                raise
+
+        def validate_response(self, response: Any, case: Any, *args: Any, **kwargs: Any) -> None:
+            statuses[response.status_code] += 1
+            if response.status_code >= 500:
+                server_errors.append(f"{case.operation.label} -> {response.status_code}: {response.text[:300]}")
+
+    t0 = time.monotonic()
+    Machine.run(settings=settings(max_examples=STATEFUL_EXAMPLES, stateful_step_count=STATEFUL_STEPS,
+                                  deadline=None, database=None, derandomize=True,
+                                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck)))
+    elapsed = time.monotonic() - t0
+    print(f"\nfuzz stateful: {counts['sequences']} sequences, {counts['steps']} steps ({counts['linked']} following a "
+          f"link) in {elapsed:.1f} s, 5xx seen: {len(server_errors)}; statuses {dict(sorted(statuses.items()))}; "
+          f"links used {dict(links.most_common(8))}")
+    assert counts["linked"] > 0, "no step followed a link: the schema's links were not inferred"
+    assert server_errors == [], "\n".join(server_errors[:10])
