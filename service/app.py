@@ -269,7 +269,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
                 exists = c.execute(text("SELECT to_regclass('alembic_version')")).scalar()
                 current = c.execute(text("SELECT version_num FROM alembic_version")).scalar() if exists else None
         except Exception as e:
-            reason = f"{type(e).__name__}: {str(getattr(e, 'orig', e)).strip().splitlines()[0] if str(e) else ''}"
+            first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [""])[0]
+            reason = f"{type(e).__name__}: {first}"
             log.warning("readiness check: database not ready: %s", reason)
             shown = f"database not ready: {reason}" if principal_of(request).is_admin else "database not ready"
             return JSONResponse(status_code=503, headers={"Retry-After": "2"}, content={"detail": shown})
