@@ -211,6 +211,7 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
         # ---- transfer records: per surrogate group (baseline ensembles; the method's own ensemble trained with
         # other seeds) and over every surrogate; each the worst case over its surrogates, losses and restarts
         tr_by: dict[str, list[tuple[float, torch.Tensor]]] = {}
+        tr_by_group: dict[str, dict[str, list[tuple[float, torch.Tensor]]]] = {}
         groups = list(dict.fromkeys(s.group for s in plan.surrogates))
         group_sets = [("all", plan.surrogates)] + ([(g, [s for s in plan.surrogates if s.group == g])
                                                     for g in groups] if len(groups) > 1 else [])
@@ -234,21 +235,25 @@ def summarize(plan: EvalPlan, state: EvalState, wall_time_s: float | None = None
                     records.append(_record(plan, m, "transfer", tr_labels[i], params, norm, e, tr_rows, clean, robust,
                                            surrogate_group=group, surrogates=[s.describe() for s in members],
                                            components=components))
+                    tr_by_group.setdefault(group, {}).setdefault(norm, []).append((e, robust))
                     if group == "all":
                         tr_by.setdefault(norm, []).append((e, robust))
-        for norm, items in tr_by.items():  # per image, the worst case over every transfer attack (and eps' <= eps)
-            for e in sorted({e for e, _ in items}):
-                robust = clean & tr_rows
-                for e2, r in items:
-                    if e2 <= e + 1e-12:
-                        robust = robust & r
-                params = {"name": "worst-case", "over": [tr_labels[i] for i, a in enumerate(plan.tr)
-                                                         if attack_norm(a) == norm],
-                          "rule": "per example: robust only if robust to every transfer attack, surrogate, loss "
-                                  "and seed at every eps' <= eps"}
-                records.append(_record(plan, m, "transfer", transfer_worst_label(norm), params, norm, e, tr_rows,
-                                       clean, robust, surrogate_group="all",
-                                       surrogates=[s.describe() for s in plan.surrogates]))
+        # per image, the worst case over every transfer attack (and eps' <= eps), over all surrogates and per group
+        for group, by_norm in tr_by_group.items():
+            members = next(ms for g, ms in group_sets if g == group)
+            for norm, items in by_norm.items():
+                for e in sorted({e for e, _ in items}):
+                    robust = clean & tr_rows
+                    for e2, r in items:
+                        if e2 <= e + 1e-12:
+                            robust = robust & r
+                    params = {"name": "worst-case", "over": [tr_labels[i] for i, a in enumerate(plan.tr)
+                                                             if attack_norm(a) == norm],
+                              "rule": "per example: robust only if robust to every transfer attack, surrogate (of "
+                                      "the group), loss and seed at every eps' <= eps"}
+                    records.append(_record(plan, m, "transfer", transfer_worst_label(norm), params, norm, e, tr_rows,
+                                           clean, robust, surrogate_group=group,
+                                           surrogates=[s.describe() for s in members]))
         for s in plan.surrogates:
             if s.fingerprint == m.fingerprint:
                 flags += check_surrogate_is_target(m.name, s.name)
