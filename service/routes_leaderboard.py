@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service import schemas
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "docs" / "results" / "leaderboard.json"
-FORMAT = "robust-ensembles/leaderboard-v1"
+FORMAT = "robust-ensembles/leaderboard-v2"
 
 router = APIRouter()
 
@@ -34,10 +34,14 @@ class LeaderboardCell(BaseModel):
 class LeaderboardRow(BaseModel):
     model_config = ConfigDict(extra="allow")
     method: str
-    status: Literal["done", "failed", "not run"] = Field(description="a method that failed or has not run is "
-                                                                     "listed, never dropped")
-    rank: int | None = Field(None, description="by mean transfer robust accuracy (done rows only)")
+    status: Literal["done", "failed", "not run", "stale"] = Field(
+        description="a method that failed, has not run, or was evaluated by an earlier evaluation (stale) is listed, "
+                    "never dropped")
+    rank: int | None = Field(None, description="by the mean 'any attack' robust accuracy (done rows only)")
     clean_acc: float | None = None
+    any_attack: list[LeaderboardCell] = Field(
+        [], description="per eps, the per-image worst case over every white-box and transfer attack")
+    any_attack_mean: float | None = Field(None, description="mean of any_attack over its eps (the ranking key)")
     transfer_mean: float | None = Field(None, description="mean robust accuracy over the transfer cells")
     transfer_mean_vs_baseline: float | None = None
     transfer: list[LeaderboardCell] = []

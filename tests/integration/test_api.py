@@ -390,7 +390,9 @@ def test_the_leaderboard_resource_serves_the_generated_document(pg_url: str, tmp
         cell.parent.mkdir(parents=True)
         cell.write_text(json.dumps({"method": "baseline", "status": "done", "clean_acc": 0.99, "transfer_mean": 0.5,
                                     "transfer": [{"attack": "pgd-10 (ce+cw)", "eps": 0.1, "robust_acc": 0.5,
-                                                  "unreliable": False}], "white_box": []}))
+                                                  "unreliable": False}], "white_box": [],
+                                    "any_attack": [{"attack": "any attack (Linf)", "eps": 0.1, "robust_acc": 0.4,
+                                                    "unreliable": False}], "any_attack_mean": 0.4}))
         doc_path.parent.mkdir()
         doc_path.write_text(json.dumps(lb.collect(tmp_path / "runs", ["mnist", "fashion_mnist"],
                                                   ["baseline", "pdd"], lb.BUDGET)))
@@ -400,6 +402,7 @@ def test_the_leaderboard_resource_serves_the_generated_document(pg_url: str, tmp
         rows = body["datasets"]["mnist"]["rows"]
         assert [(x["method"], x["status"], x["rank"]) for x in rows] == [("baseline", "done", 1),
                                                                          ("pdd", "not run", None)]
+        assert rows[0]["any_attack_mean"] == 0.4
         only = client.get("/v1/leaderboard", params={"dataset": "fashion_mnist"}).json()
         assert list(only["datasets"]) == ["fashion_mnist"]
         bad = client.get("/v1/leaderboard", params={"dataset": "cifar100"})

@@ -52,13 +52,13 @@ def test_evaluation_follows_the_protocol() -> None:
                      ("mora", ("ce", "dlr")), ("pgd", ("vote", "softvote")), ("autoattack", ("ce",))]
     pgd = e.attacks[0]  # the earlier pages' headline, kept first
     assert (pgd.name, pgd.steps, pgd.alpha_ratio, pgd.restarts, pgd.eps) == ("pgd", 50, 0.1, 5, [0.1, 0.2, 0.3])
-    assert e.attacks[3].n_queries == 5000 and e.attacks[4].steps == 100
-    assert e.attacks[-1].eps == [0.1, 0.2, 0.3] and e.attacks[-1].version == "standard"  # reference AA, every eps
+    assert e.attacks[3].n_queries == 1000 and e.attacks[4].steps == 100
+    assert e.attacks[-1].eps == [0.2] and e.attacks[-1].version == "standard"  # reference AA at the middle eps
     assert e.transfer_attacks == []  # the library fills in PROTOCOL.md's transfer set for the data set
-    aa = EvaluateSpec.model_validate(reproduce.eval_spec(_args("--autoattack", "middle", "--dataset",
+    aa = EvaluateSpec.model_validate(reproduce.eval_spec(_args("--autoattack", "all", "--dataset",
                                                                "fashion_mnist"), "x"))
     assert aa.attacks[0].eps == [0.05, 0.1, 0.15]
-    assert aa.attacks[-1].name == "autoattack" and aa.attacks[-1].eps == [0.1]
+    assert aa.attacks[-1].name == "autoattack" and aa.attacks[-1].eps == [0.05, 0.1, 0.15]
     none = EvaluateSpec.model_validate(reproduce.eval_spec(_args("--autoattack", "none"), "x"))
     assert all(a.name != "autoattack" for a in none.attacks)
 
@@ -115,5 +115,5 @@ def test_render_reports_every_part(tmp_path: Path) -> None:
     assert "Automatic flags" in md and "checks run" in md
     assert "higher in" in md  # the plain comparison sentence
     assert "any attack" in md and "white-box, worst case" in md and "transfer, worst case" in md
-    assert "mora-" in md and "square-500q" in md and "@20 steps (convergence check)" in md
+    assert "mora-" in md and "square-300q" in md and "@20 steps (convergence check)" in md
     assert "Evaluation code `" in md

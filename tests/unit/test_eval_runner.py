@@ -214,3 +214,110 @@ def test_artifacts_and_valid_json(target: Ensemble, surrogate: Ensemble, test_se
     # the baseline is its own surrogate here, and the flag says so
     assert any(f["name"] == "surrogate_is_target" and f["model"] == "baseline" for f in r["flags"])
     assert all(math.isfinite(q["robust_acc"]) for q in r["records"])
+
+
+# ------------------------------------------------------------------ reviewer-grade additions (issue #20)
+
+
+def test_any_attack_groups_convergence_rows_and_code_version(target: Ensemble, surrogate: Ensemble,
+                                                             test_set: TensorDataset) -> None:
+    other = Ensemble(_train_members(2, 3), "mean_logits").eval()
+    spec = _spec(transfer_attacks=[{"name": "pgd", "eps": [0.1, 0.25], "steps": 5, "restarts": 3,
+                                    "losses": ["ce", "cw"]}], checks={"n_examples": 60})
+    r = run_evaluation(spec, target, surrogates={"base": surrogate, "same": other},
+                       surrogate_groups={"same": "same-method"}, test_set=test_set, log=lambda m: None)
+    recs = [q for q in r["records"] if q["model"] == "target"]
+    # transfer per group and over all; the all-surrogate row is the per-image worst case of the two groups
+    for e in (0.1, 0.25):
+        rows = {q["surrogate_group"]: q for q in recs if q["threat"] == "transfer" and q["eps"] == e
+                and q["attack"].startswith("pgd")}
+        assert set(rows) == {"all", "baseline", "same-method"}
+        assert rows["all"]["robust_acc"] <= min(rows["baseline"]["robust_acc"], rows["same-method"]["robust_acc"])
+        assert len(rows["all"]["components"]) == 4  # 2 surrogates x 2 losses
+    # any attack: at every eps of either set, never above the white-box or the transfer worst case
+    anyrows = {q["eps"]: q for q in recs if q["attack"] == "any attack (Linf)"}
+    assert sorted(anyrows) == [0.1, 0.2, 0.25, 0.3]
+    wb = {q["eps"]: q for q in recs if q["attack"] == "worst case (Linf, all attacks)"}
+    tr = {q["eps"]: q for q in recs if q["attack"] == "worst case (transfer, Linf)" and q["surrogate_group"] == "all"}
+    for e, q in anyrows.items():
+        if e in wb:
+            assert q["robust_acc"] <= wb[e]["robust_acc"] + 1e-12
+        if e in tr:  # on the white-box images only, so compare counts, not rates
+            assert q["n_robust"] <= tr[e]["n_robust"]
+    # the convergence check at every eps, as records of their own that the worst case includes
+    conv = {q["eps"]: q for q in recs if "convergence check" in q["attack"]}
+    assert sorted(conv) == [0.1, 0.2, 0.3] and all(q["n_examples"] == 60 for q in conv.values())
+    for e, q in conv.items():
+        assert wb[e]["n_robust"] <= q["n_robust"]
+    assert len(r["checks"]["target"]["convergence"]) == 3
+    assert r["code_version"]["evaluation_code"] and len(r["code_version"]["evaluation_code"]) == 16
+    assert r["surrogates"]["same"]["group"] == "same-method"
+    assert r["surrogates"]["base"]["transfer_view"] == "log_mean_probs"
+
+
+def test_transfer_is_crafted_on_the_surrogates_log_mean_probs(target: Ensemble, test_set: TensorDataset,
+                                                              tmp_path: Path) -> None:
+    """A mean-logits surrogate and the same members under log_mean_probs craft the very same examples (BIM: no
+    random start, so the seeds, which depend on the surrogate's fingerprint, play no part)."""
+    from ensemble_core.evaluation.runner import transfer_view
+
+    members = _train_members(2, 5)
+    a, b = Ensemble(members, "mean_logits").eval(), Ensemble(members, "log_mean_probs").eval()
+    assert transfer_view(a).combine == "log_mean_probs" and transfer_view(b) is b
+    spec = _spec(attacks=[{"name": "fgsm", "eps": [0.1]}], member_transfer=None,
+                 transfer_attacks=[{"name": "bim", "eps": [0.2], "steps": 5, "losses": ["ce", "cw"]}])
+    ra = run_evaluation(spec, target, surrogates={"s": a}, test_set=test_set, log=lambda m: None)
+    rb = run_evaluation(spec, target, surrogates={"s": b}, test_set=test_set, log=lambda m: None)
+    pick = [(q["attack"], q["eps"], q["n_robust"]) for q in ra["records"] if q["threat"] == "transfer"]
+    assert pick == [(q["attack"], q["eps"], q["n_robust"]) for q in rb["records"] if q["threat"] == "transfer"]
+
+
+def test_member_collapse_and_surrogate_flags_reach_the_target(surrogate: Ensemble, test_set: TensorDataset,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    good = _train_members(2, 0)
+    dead = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        dead[1].weight.zero_()
+        dead[1].bias.copy_(torch.arange(10.0))  # always class 9
+    ens = Ensemble([*good, dead.eval()], "mean_logits").eval()
+    r = run_evaluation(_spec(member_transfer=None), ens, test_set=test_set, log=lambda m: None)
+    names = {f["name"] for f in r["flags"]}
+    assert "member_collapse" in names
+    f = next(f for f in r["flags"] if f["name"] == "member_collapse")
+    assert f["details"]["member"] == 2 and all(q["unreliable"] for q in r["records"] if q["model"] == "target")
+
+    # a surrogate whose attack returns non-finite examples (they are replaced by the clean input, never credited)
+    from ensemble_core.evaluation import runner
+
+    real = runner.run_attack
+    monkeypatch.setattr(runner, "run_attack", lambda atk, x, y, seed: real(atk, x, y, seed) * float("nan"))
+    healthy = Ensemble(_train_members(2, 0), "mean_logits").eval()
+    spec = _spec(attacks=[{"name": "fgsm", "eps": [0.1]}], member_transfer=None,
+                 transfer_attacks=[{"name": "pgd", "eps": [0.2], "steps": 2}])
+    r = run_evaluation(spec, healthy, surrogates={"broken": surrogate}, test_set=test_set, log=lambda m: None)
+    mine = [f for f in r["flags"] if f["name"] == "invalid_adversarial_examples" and f["model"] == "target"]
+    assert mine and "surrogate 'broken'" in mine[0]["message"]
+    tr = [q for q in r["records"] if q["model"] == "target" and q["threat"] == "transfer"
+          and q["attack"].startswith("pgd")]
+    assert tr and all(q["unreliable"] for q in tr)
+
+
+def test_the_code_fingerprint_keys_the_state_and_the_transfer_cache(target: Ensemble, surrogate: Ensemble,
+                                                                   test_set: TensorDataset, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from ensemble_core.evaluation import runner
+    from ensemble_core.spec import AttackSpec
+
+    spec = _spec(attacks=[{"name": "fgsm", "eps": [0.1]}], member_transfer=None)
+    p1 = prepare_plan(spec, target, test_set=test_set)
+    key1 = runner.transfer_cache_key("fp", AttackSpec(name="pgd"), 0.1, "ce", 0, 0, "synthetic", [1, 2])
+    monkeypatch.setattr(runner, "evaluation_code_fingerprint", lambda: "another-version!")
+    p2 = prepare_plan(spec, target, test_set=test_set)
+    key2 = runner.transfer_cache_key("fp", AttackSpec(name="pgd"), 0.1, "ce", 0, 0, "synthetic", [1, 2])
+    assert p1.fingerprint != p2.fingerprint and key1 != key2
+    # a state saved by the other code version is not reused: it is recomputed (and says so)
+    state = tmp_path / "state.json"
+    compute(p1, state_path=state, log=lambda m: None)
+    seen: list[str] = []
+    compute(p2, state_path=state, log=seen.append)
+    assert any("ignor" in m or "another evaluation" in m for m in seen), seen
