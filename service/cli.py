@@ -2,7 +2,7 @@
 
 Service:   up | demo | serve | worker | db upgrade/downgrade/current | token create/list/revoke
 Client:    submit | status | watch | logs | metrics | results | artifacts | cancel | methods
-Library:   train-local | reproduce | leaderboard
+Library:   train-local | reproduce | leaderboard | campaign
 
 The client commands talk to the REST API at ``--api`` (default ``$RE_API_URL`` or
 http://127.0.0.1:8000) with the API token ``--token`` (default ``$RE_API_TOKEN``; ``serve`` requires
@@ -657,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("leaderboard", help="every method, one budget and protocol (ensemble_core.leaderboard); "
                    "arguments passed on", add_help=False)
+    sub.add_parser("campaign", help="a declared, resumable grid of training and evaluation units "
+                   "(ensemble_core.campaign); arguments passed on", add_help=False)
     return p
 
 
@@ -670,6 +672,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ensemble_core.leaderboard import main as leaderboard_main
 
         return int(leaderboard_main(argv[1:]) or 0)
+    if argv and argv[0] == "campaign":  # likewise for ensemble_core.campaign
+        from ensemble_core.campaign import main as campaign_main
+
+        return int(campaign_main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     from service.client import ApiError
