@@ -241,6 +241,27 @@ def test_collapse_guard() -> None:
     assert collapsed_members([0.5]) == []
 
 
+def test_collapse_is_logged_and_recorded_by_the_training_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ensemble_core.training as tr
+
+    real = tr.clean_accuracy
+
+    def fake(ens: Any, ds: Any, device: Any = "cpu", batch_size: int = 500) -> dict[str, Any]:
+        r = real(ens, ds, device, batch_size)
+        if len(r["member_acc"]) == 3:
+            r["member_acc"] = [0.975, 0.932, 0.205]  # the leaderboard's DKD members
+        return r
+
+    monkeypatch.setattr(tr, "clean_accuracy", fake)
+    logs: list[str] = []
+    res = tr.train_ensemble({"method": "baseline", "dataset": "synthetic", "members": 3, "epochs": 1,
+                             "train_subset": 128, "eval_subset": 32},
+                            hooks=tr.TrainHooks(log=logs.append))
+    assert res.history[-1]["member_collapse"] == [2]
+    assert any("WARNING member collapse (2: 20.5 %" in line for line in logs)
+    assert res.results["member_collapse"]["members"] == [2]
+
+
 # ----------------------------------------------------------------------------------- configurations
 
 
