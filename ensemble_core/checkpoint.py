@@ -41,7 +41,15 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint file safely (``weights_only=True``) and check its format."""
+    """Read a checkpoint file safely (``weights_only=True``) and check its format.
+
+    A directory holding an ensemble in the Hugging Face layout (a registered model: ``config.json`` and
+    ``model.safetensors``, :mod:`ensemble_core.registry_io`) reads as the same checkpoint state, without pickle.
+    """
+    from ensemble_core import registry_io
+
+    if registry_io.is_folder(path):
+        return registry_io.checkpoint_state_from_folder(path)
     state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a robust-ensembles checkpoint")

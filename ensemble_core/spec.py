@@ -272,7 +272,7 @@ class EvalChecksSpec(StrictModel):
 
 
 class EvaluateSpec(StrictModel):
-    """An evaluation of a trained ensemble (a train job's id or a checkpoint path)."""
+    """An evaluation of a trained ensemble (a train job's id, a registered model's id or a checkpoint path)."""
 
     target_job: str | None = Field(None, description="id of the train job whose ensemble is attacked")
     target_checkpoint: str | None = Field(None, description="path of an ensemble checkpoint (local use)")
@@ -285,6 +285,9 @@ class EvaluateSpec(StrictModel):
     transfer_from_checkpoint: str | None = None
     baseline_job: str | None = Field(None, description="a second ensemble evaluated alike, for comparison")
     baseline_checkpoint: str | None = None
+    target_model: str | None = Field(None, description="id of a registered model (POST /v1/models) to attack")
+    transfer_from_model: str | None = Field(None, description="a registered model as the transfer surrogate")
+    baseline_model: str | None = Field(None, description="a registered model evaluated alike, for comparison")
     combine: str | None = Field(None, description="override the deployed inference rule")
     batch_size: int = Field(250, ge=1, le=MAX_BATCH)
     workers: int = Field(1, ge=1, le=MAX_WORKERS)
@@ -304,8 +307,12 @@ class EvaluateSpec(StrictModel):
 
     @model_validator(mode="after")
     def _target(self) -> EvaluateSpec:
-        if (self.target_job is None) == (self.target_checkpoint is None):
-            raise ValueError("exactly one of target_job and target_checkpoint is required")
+        if sum(v is not None for v in (self.target_job, self.target_checkpoint, self.target_model)) != 1:
+            raise ValueError("exactly one of target_job, target_checkpoint and target_model is required")
+        for role in ("transfer_from", "baseline"):
+            if getattr(self, f"{role}_model") is not None and (
+                    getattr(self, f"{role}_job") is not None or getattr(self, f"{role}_checkpoint") is not None):
+                raise ValueError(f"{role}_model: give one of {role}_job, {role}_checkpoint and {role}_model")
         return self
 
     def resolved(self) -> dict[str, Any]:

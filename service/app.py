@@ -38,14 +38,23 @@ from service import schemas
 from service.auth import Principal, TokenStore, job_owner, make_auth_dependency, principal_of, server_path_errors
 from service.db import make_engine
 from service.limits import MAX_ERRORS, BodySizeLimit, cap_errors, check_idempotency_key, check_storable
+from service.model_registry import ModelStore
 from service.models import JOB_STATUSES, TERMINAL_STATUSES
 from service.queue import IdempotencyConflict, InvalidTransition, JobNotFound, Queue
 from service.routes_leaderboard import router as leaderboard_router
+from service.routes_models import MODELS_PATH, register_model_routes
 from service.routes_tune import register_tune_routes
 from service.routes_ui import router as ui_router
 from service.security import HostCheck, SecurityHeaders, swagger_ui_html
 from service.settings import Settings
-from service.submission import JOB_REFERENCES, SpecError, error_item, resolve_references, validate_spec
+from service.submission import (
+    JOB_REFERENCES,
+    SpecError,
+    error_item,
+    resolve_model_references,
+    resolve_references,
+    validate_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +195,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
     )
     docs_html, docs_policy = swagger_ui_html(app.openapi_url or "/openapi.json", f"{app.title} - API docs")
     # middleware: the last added is the outermost; the security headers go on every answer, 400 and 413 too
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,  # type: ignore[arg-type]
+                       routes={("POST", MODELS_PATH): settings.max_model_bytes})
     if not settings.auth and settings.allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=settings.allowed_hosts)  # type: ignore[arg-type]
     app.add_middleware(SecurityHeaders, docs_policy=docs_policy)  # type: ignore[arg-type]
@@ -194,6 +204,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
     app.state.queue = queue
     app.state.settings = settings
     register_tune_routes(app, queue)
+    model_store = ModelStore(engine, settings.models_root)
+    app.state.model_store = model_store
+    register_model_routes(app, queue, model_store)  # /v1/models: the model registry (docs/models.md)
     app.include_router(leaderboard_router)  # GET /v1/leaderboard (a JSON document, no torch)
     app.include_router(ui_router)  # the dashboard at /ui/ (static files; its JS calls /v1)
 
@@ -315,6 +328,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
         resolved = validate_spec(body.kind, body.spec)
         check_references(principal, resolved)
         deps = resolve_references(queue, body.kind, resolved)
+        resolve_model_references(model_store, principal, body.kind, resolved)
         try:
             job, created = queue.submit(
                 body.kind,

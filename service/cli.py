@@ -1,7 +1,7 @@
 """``robust-ensembles``: run the service, and talk to it.
 
 Service:   up | demo | serve | worker | db upgrade/downgrade/current | token create/list/revoke
-Client:    submit | status | watch | logs | metrics | results | artifacts | cancel | methods
+Client:    submit | status | watch | logs | metrics | results | artifacts | cancel | methods | models
 Library:   train-local | reproduce | leaderboard | campaign
 
 The client commands talk to the REST API at ``--api`` (default ``$RE_API_URL`` or
@@ -642,6 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", nargs="?")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_attacks)
+
+    from service.cli_models import add_models_parser
+
+    add_models_parser(sub, client_parser)  # models upload | register | list | show | delete | export
 
     sp = sub.add_parser("train-local", help="train on this machine without the service",
                         description="train on this machine without the service (checkpoints every epoch, resumes)")

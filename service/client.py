@@ -158,6 +158,81 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._check(self.http.post(f"/v1/jobs/{job_id}/train-best", json=body, headers=headers)).json()
 
+    # ------------------------------------------------------------------ models (docs/models.md)
+    def upload_model(self, weights: list[str | Path], *, name: str, architecture: str, dataset: str,
+                     version: str = "1", tags: list[str] | None = None, combine: str = "mean_logits",
+                     input_range: tuple[float, float] = (0.0, 1.0), mean: list[float] | None = None,
+                     std: list[float] | None = None, architecture_kwargs: dict[str, Any] | None = None,
+                     training: str | dict[str, Any] | None = None, paper: dict[str, Any] | None = None,
+                     timeout: float = 600.0) -> dict[str, Any]:
+        """``POST /v1/models``: upload member weights (safetensors files, one per member or one for all)."""
+        data: dict[str, str] = {"name": name, "architecture": architecture, "dataset": dataset, "version": version,
+                                "combine": combine, "tags": ",".join(tags or []),
+                                "input_range": ",".join(str(v) for v in input_range)}
+        for key, value in (("mean", mean), ("std", std)):
+            if value is not None:
+                data[key] = ",".join(str(v) for v in value)
+        if architecture_kwargs is not None:
+            data["architecture_kwargs"] = json.dumps(architecture_kwargs)
+        if training is not None:
+            data["training"] = training if isinstance(training, str) else json.dumps(training)
+        if paper is not None:
+            data["paper"] = json.dumps(paper)
+        handles = [open(p, "rb") for p in weights]  # noqa: SIM115 (closed below)
+        try:
+            files = [("weights", (Path(p).name, h, "application/octet-stream")) for p, h in zip(weights, handles,
+                                                                                                strict=True)]
+            return self._check(self.http.post("/v1/models", data=data, files=files, timeout=timeout)).json()
+        finally:
+            for h in handles:
+                h.close()
+
+    def register_model(self, job_id: str, *, name: str, version: str = "1", tags: list[str] | None = None,
+                       paper: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``POST /v1/jobs/{id}/register``: a succeeded train job's ensemble as a model."""
+        body: dict[str, Any] = {"name": name, "version": version, "tags": tags or []}
+        if paper is not None:
+            body["paper"] = paper
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/register", json=body, timeout=600.0)).json()
+
+    def models(self, *, name: str | None = None, tag: str | None = None, limit: int = 50,
+               offset: int = 0) -> dict[str, Any]:
+        return self._get("/v1/models", name=name, tag=tag, limit=limit, offset=offset)
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        return self._get(f"/v1/models/{model_id}")
+
+    def model_evaluations(self, model_id: str) -> dict[str, Any]:
+        return self._get(f"/v1/models/{model_id}/evaluations")
+
+    def delete_model(self, model_id: str) -> dict[str, Any]:
+        return self._check(self.http.delete(f"/v1/models/{model_id}")).json()
+
+    def export_robustbench(self, model_id: str, *, job_id: str | None = None, eps: float | None = None,
+                           threat_model: str = "Linf") -> dict[str, Any]:
+        """``GET /v1/models/{id}/export/robustbench``: a RobustBench ``model_info`` record."""
+        return self._get(f"/v1/models/{model_id}/export/robustbench", job_id=job_id, eps=eps,
+                         threat_model=threat_model)
+
+    def export_huggingface(self, model_id: str, dest: str | Path) -> Path:
+        """Download the model's Hugging Face-layout folder (config.json, model.safetensors, README.md) to ``dest``."""
+        out = Path(dest)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in self._get(f"/v1/models/{model_id}/export/huggingface")["files"]:
+            name = f["name"]
+            if "/" in name or name.startswith("."):  # the server names three fixed files; never write elsewhere
+                raise ApiError(500, f"unexpected export file name {name!r}")
+            tmp = out / f".{name}.part"
+            with self.http.stream("GET", f"/v1/models/{model_id}/export/huggingface/{name}") as r:
+                if r.status_code >= 400:
+                    r.read()
+                    self._check(r)
+                with open(tmp, "wb") as fh:
+                    for chunk in r.iter_bytes():
+                        fh.write(chunk)
+            tmp.replace(out / name)
+        return out
+
     def leaderboard(self, dataset: str | None = None) -> dict[str, Any]:
         """``GET /v1/leaderboard``: every method under one budget and attack protocol (optionally one data set)."""
         return self._get("/v1/leaderboard", dataset=dataset)

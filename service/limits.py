@@ -7,7 +7,7 @@ examples, trials...) live in :mod:`ensemble_core.spec`, so the library enforces 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from service.queue import RESERVED_KEY_PREFIX  # the worker's own keys of trial rows (Queue.upsert_trials)
@@ -27,17 +27,21 @@ class BodySizeLimit:
     """ASGI middleware: a request body over ``max_bytes`` is answered 413 before the app parses it.
 
     A declared ``Content-Length`` over the limit is refused at once; a chunked body is read up to the
-    limit and refused as soon as it passes it (then replayed to the app when it fits).
+    limit and refused as soon as it passes it (then replayed to the app when it fits). ``routes`` gives
+    single routes their own limit, by ``(method, path)`` (the model upload, ``POST /v1/models``).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES,
+                 routes: Mapping[tuple[str, str], int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.routes = dict(routes or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
+        limit = self.routes.get((scope["method"], str(scope.get("path", "")).rstrip("/") or "/"), self.max_bytes)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -46,8 +50,8 @@ class BodySizeLimit:
             except ValueError:
                 await self._reject(send, 400, "invalid Content-Length header")
                 return
-            if length > self.max_bytes:
-                await self._too_large(send)
+            if length > limit:
+                await self._too_large(send, limit)
                 return
         chunks: list[bytes] = []
         size = 0
@@ -57,8 +61,8 @@ class BodySizeLimit:
                 return
             body = message.get("body", b"")
             size += len(body)
-            if size > self.max_bytes:
-                await self._too_large(send)
+            if size > limit:
+                await self._too_large(send, limit)
                 return
             chunks.append(body)
             if not message.get("more_body", False):
@@ -74,8 +78,8 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send) -> None:
-        await self._reject(send, 413, f"request body larger than {self.max_bytes} bytes")
+    async def _too_large(self, send: Send, limit: int) -> None:
+        await self._reject(send, 413, f"request body larger than {limit} bytes")
 
     @staticmethod
     async def _reject(send: Send, status: int, detail: str) -> None:

@@ -172,3 +172,34 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (CheckConstraint("scope IN ('user', 'admin')", name="ck_api_tokens_scope"),)
+
+
+class RegisteredModel(Base):
+    """A registered ensemble (migration 0006): its files are ``<models dir>/<id>/`` (:mod:`service.model_registry`)."""
+
+    __tablename__ = "models"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    owner: Mapped[str | None] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text)
+    version: Mapped[str] = mapped_column(Text)
+    tags: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default="{}")
+    source: Mapped[str] = mapped_column(Text)  # upload | train_job
+    source_job_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="SET NULL"))
+    architecture: Mapped[str] = mapped_column(Text)
+    dataset: Mapped[str] = mapped_column(Text)
+    combine: Mapped[str] = mapped_column(Text)
+    members: Mapped[int] = mapped_column(Integer)
+    config: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (
+        CheckConstraint("source IN ('upload', 'train_job')", name="ck_models_source"),
+        CheckConstraint("members >= 1 AND members <= 16", name="ck_models_members"),
+        Index("uq_models_owner_name_version", text("COALESCE(owner, '')"), "name", "version", unique=True),
+        Index("ix_models_owner_created", "owner", "created_at"),
+        Index("ix_models_source_job", "source_job_id", postgresql_where=text("source_job_id IS NOT NULL")),
+    )

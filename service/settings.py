@@ -6,6 +6,7 @@ Layout of the data directory (default ``~/.robust-ensembles``)::
     artifacts/<job_id>/  each job's files (ensemble.pt, results.json, plots)
     ray_storage/         Ray Train / Tune storage_path (run name = job id, so a re-leased job resumes)
     ray/                 Ray's temp dir for a local Ray started by ``robust-ensembles up`` / ``worker``
+    models/<model_id>/   registered ensembles (config.json, model.safetensors; service.model_registry)
     logs/                process logs of ``robust-ensembles up``
 """
 
@@ -56,6 +57,7 @@ class Settings:
     database_url: str | None = None
     artifacts_dir: Path | None = None  # default data_dir/artifacts
     ray_storage: Path | None = None  # default data_dir/ray_storage
+    models_dir: Path | None = None  # registered models; default data_dir/models (shared with the workers)
     lease_seconds: float = 30.0  # a running job's lease; renewed by heartbeats
     heartbeat_seconds: float = 2.0  # also how often a worker sees a cancel request
     poll_seconds: float = 5.0  # fallback polling when no NOTIFY arrives
@@ -70,6 +72,7 @@ class Settings:
     # load_settings reads RE_AUTH, whose default is on for `serve` and off for the local `up` / `demo`.
     auth: bool = False
     max_body_bytes: int = 1024 * 1024  # larger request bodies get 413 (RE_MAX_BODY_BYTES)
+    max_model_bytes: int = 256 * 1024 * 1024  # a model upload's whole body (RE_MAX_MODEL_BYTES); over it: 413
     # Host names the API answers to while auth is off (DNS-rebinding protection, service.security); None
     # = no check (this dataclass's default, for library use and tests). load_settings gives the loopback
     # names plus RE_ALLOWED_HOSTS (comma-separated); `up` adds the address it listens on.
@@ -82,6 +85,10 @@ class Settings:
     @property
     def ray_storage_path(self) -> Path:
         return self.ray_storage or self.data_dir / "ray_storage"
+
+    @property
+    def models_root(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
 
     def job_artifacts_dir(self, job_id: str) -> Path:
         return self.artifacts_root / str(job_id)
@@ -106,6 +113,7 @@ def load_settings(
         database_url=url,
         artifacts_dir=Path(art).expanduser().resolve() if art else None,
         ray_storage=Path(storage).expanduser().resolve() if storage else None,
+        models_dir=Path(md).expanduser().resolve() if (md := os.environ.get("RE_MODELS_DIR")) else None,
         lease_seconds=_env_float("RE_LEASE_SECONDS", 30.0),
         heartbeat_seconds=_env_float("RE_HEARTBEAT_SECONDS", 2.0),
         poll_seconds=_env_float("RE_POLL_SECONDS", 5.0),
@@ -116,5 +124,6 @@ def load_settings(
         leaderboard_path=Path(lb).expanduser().resolve() if (lb := os.environ.get("RE_LEADERBOARD_PATH")) else None,
         auth=_env_bool("RE_AUTH", auth_default),
         max_body_bytes=int(_env_float("RE_MAX_BODY_BYTES", 1024 * 1024)),
+        max_model_bytes=int(_env_float("RE_MAX_MODEL_BYTES", 256 * 1024 * 1024)),
         allowed_hosts=(*LOCAL_HOSTS, *_env_list("RE_ALLOWED_HOSTS")),
     )

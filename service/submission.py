@@ -18,6 +18,8 @@ from service.queue import JobNotFound, Queue
 
 # EvaluateSpec fields that name a train job whose ensemble the evaluation needs.
 JOB_REFERENCES = ("target_job", "transfer_from_job", "baseline_job")
+# EvaluateSpec fields that name a registered model (service.model_registry).
+MODEL_REFERENCES = ("target_model", "transfer_from_model", "baseline_model")
 
 
 class SpecError(Exception):
@@ -133,3 +135,27 @@ def resolve_references(queue: Queue, kind: str, resolved: dict[str, Any]) -> lis
     if errors:
         raise SpecError(errors)
     return deps
+
+
+def resolve_model_references(store: Any, principal: Any, kind: str, resolved: dict[str, Any]) -> None:
+    """Check the registered models an evaluation names: each must exist and be visible to ``principal``
+    (another owner's model reads as missing). Ids are stored in canonical form; :class:`SpecError` otherwise."""
+    if kind != "evaluate":
+        return
+    errors: list[dict[str, Any]] = []
+    for field in MODEL_REFERENCES:
+        ref = resolved.get(field)
+        if ref is None:
+            continue
+        loc = ["spec", field]
+        try:
+            model_id = uuid.UUID(str(ref))
+        except ValueError:
+            errors.append(error_item(loc, f"{str(ref)[:80]!r} is not a model id (a UUID)"))
+            continue
+        if not store.visible(model_id, principal):
+            errors.append(error_item(loc, f"no model with id {model_id}"))
+        else:
+            resolved[field] = str(model_id)
+    if errors:
+        raise SpecError(errors)

@@ -51,10 +51,11 @@ def _plan(spec: EvaluateSpec, checkpoints: dict[str, str | None]) -> Any:
 
     target = checkpoints.get("target")
     if not target:
-        raise UserError("target_job / target_checkpoint: no checkpoint for the target")
+        raise UserError("target_job / target_model / target_checkpoint: no checkpoint for the target")
     surrogate = checkpoints.get("surrogate")
     if spec.transfer_attacks and not surrogate:
-        raise UserError("transfer_attacks: transfer attacks need transfer_from_job or transfer_from_checkpoint")
+        raise UserError("transfer_attacks: transfer attacks need transfer_from_job, transfer_from_model or "
+                        "transfer_from_checkpoint")
     try:
         return prepare_plan(spec, target, baseline=checkpoints.get("baseline"),
                             surrogates={"surrogate": surrogate} if surrogate else {})

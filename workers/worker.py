@@ -158,15 +158,22 @@ def run_train(run: JobRun) -> dict[str, Any]:
 
 
 def resolve_checkpoints(spec: Mapping[str, Any], settings: Settings) -> dict[str, str | None]:
-    """``{"target", "surrogate", "baseline"}`` -> checkpoint paths: a referenced train job's ``ensemble.pt``
-    (in its artifacts directory) or the ``*_checkpoint`` path given in the spec."""
+    """``{"target", "surrogate", "baseline"}`` -> checkpoint paths: a registered model's folder (``*_model``), a
+    referenced train job's ``ensemble.pt`` (in its artifacts directory) or the ``*_checkpoint`` path given in the
+    spec."""
     pairs = {"target": ("target_job", "target_checkpoint"),
              "surrogate": ("transfer_from_job", "transfer_from_checkpoint"),
              "baseline": ("baseline_job", "baseline_checkpoint")}
     out: dict[str, str | None] = {}
     for role, (job_key, path_key) in pairs.items():
         job_ref, path = spec.get(job_key), spec.get(path_key)
-        if job_ref:
+        model_key = job_key.replace("_job", "_model")
+        if spec.get(model_key):  # a registered model: its folder (config.json + model.safetensors)
+            folder = settings.models_root / str(spec[model_key])
+            if not (folder / "config.json").is_file():
+                raise UserError(f"{model_key}: no registered model {spec[model_key]} (deleted?)")
+            out[role] = str(folder)
+        elif job_ref:
             p = settings.job_artifacts_dir(str(job_ref)) / "ensemble.pt"
             if not p.is_file():
                 raise UserError(f"{job_key}: train job {job_ref} has no ensemble.pt (looked in {p.parent})")
