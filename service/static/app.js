@@ -1,6 +1,7 @@
 /* robust-ensembles dashboard: plain JavaScript over the REST API (/v1), no framework, no build step.
  *
- * Pages (hash routes): #/ job list, #/jobs/<id> one job, #/compare?ids=<id>,<id>[,...] side by side.
+ * Pages (hash routes): #/ job list, #/jobs/<id> one job, #/compare?ids=<id>,<id>[,...] side by side,
+ * #/models the registered models, #/models/<id> one model with its evaluations (docs/models.md).
  * Every request carries "Authorization: Bearer <token>" when a token is saved in the header form
  * (kept in localStorage). Curves are drawn as inline SVG.
  */
@@ -152,6 +153,7 @@
     if (job.kind === 'tune') return (sp.base && sp.base.method) || '–';
     if (job.kind === 'evaluate') {
       if (sp.target_job) return `target ${shortId(sp.target_job)}`;
+      if (sp.target_model) return `model ${shortId(sp.target_model)}`;
       return sp.target_checkpoint ? 'checkpoint' : '–';
     }
     return '–';
@@ -710,6 +712,81 @@
         : h('p', { class: 'muted' }, 'The specs are identical.')));
   }
 
+  // ------------------------------------------------------------------ pages: models (docs/models.md)
+  const pct = (v) => (v === null || v === undefined ? '–' : `${(100 * v).toFixed(1)}%`);
+  const js = (v) => (v === null || v === undefined ? 'none' : JSON.stringify(v));
+
+  async function renderModels() {
+    const data = await getJSON('/v1/models?limit=500');
+    const rows = data.items.map((m) => [
+      h('a', { href: `#/models/${m.id}`, 'data-model': m.id }, m.name), m.version, `${m.members} × ${m.architecture}`,
+      m.dataset, m.combine, m.source === 'train_job' ? h('a', { href: `#/jobs/${m.source_job_id}` }, 'train job') : 'upload',
+      (m.tags || []).join(', ') || '–', fmtBytes(m.size_bytes), fmtTime(m.created_at)]);
+    app.replaceChildren(h('h1', {}, 'Models'),
+      h('p', { class: 'muted' }, `${data.total} registered model(s). Upload with `, h('code', {}, 'robust-ensembles models upload'),
+        ' or POST /v1/models; register a train job from the CLI (models register).'),
+      rows.length ? table(['name', 'version', 'members', 'dataset', 'rule', 'source', 'tags', 'size', 'created'], rows,
+        { id: 'models-table' }) : h('p', { class: 'muted', id: 'models-table' }, 'No models yet.'));
+  }
+
+  async function exportFile(modelId, name) {
+    const r = await api(`/v1/models/${modelId}/export/huggingface/${encodeURIComponent(name)}`);
+    const url = URL.createObjectURL(await r.blob());
+    const a = h('a', { href: url, download: name });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  }
+
+  async function renderModel(id) {
+    const seq = routeSeq;
+    const [m, evals] = await Promise.all([getJSON(`/v1/models/${id}`), getJSON(`/v1/models/${id}/evaluations`)]);
+    if (seq !== routeSeq) return;
+    const cfg = m.config || {};
+    const val = cfg.validation || {};
+    const inp = cfg.input || {};
+    const facts = [
+      ['id', m.id], ['owner', m.owner || '–'], ['members', `${m.members} × ${m.architecture}`], ['dataset', m.dataset],
+      ['combine rule', m.combine],
+      ['input', `${js(inp.shape)}, the members' range ${js(inp.range)}, mean ${js(inp.mean)}, std ${js(inp.std)}`],
+      ['source', m.source === 'train_job' ? h('a', { href: `#/jobs/${m.source_job_id}` }, `train job ${shortId(m.source_job_id)}`) : 'upload'],
+      ['tags', (m.tags || []).join(', ') || '–'], ['weights', `${fmtBytes(m.size_bytes)}, sha256 ${m.sha256.slice(0, 16)}…`],
+      ['upload check', val.images ? `${val.source}: ensemble ${pct(val.accuracy)}, members ${(val.member_accuracy || []).map(pct).join(', ')}` : '–'],
+      ['created', fmtTime(m.created_at)]];
+    const evalRows = [];
+    for (const e of evals.items) {
+      let clean = null;
+      let worst = null;
+      if (e.status === 'succeeded') {
+        const res = await getJSON(`/v1/jobs/${e.id}/results`);
+        if (seq !== routeSeq) return;
+        clean = ((res.clean || {}).target || {}).clean_acc;
+        const wc = (res.records || []).filter((r) => r.model === 'target' && r.threat === 'worst-case');
+        worst = wc.map((r) => `${r.attack} ε=${r.eps}: ${pct(r.robust_acc)}${r.unreliable ? ' ⚠' : ''}`).join('; ');
+      }
+      evalRows.push([h('a', { href: `#/jobs/${e.id}` }, shortId(e.id)), statusBadge(e.status), pct(clean), worst || '–',
+        fmtTime(e.created_at)]);
+    }
+    const files = ['config.json', 'model.safetensors', 'README.md'].map((f) => h('button', {
+      type: 'button', class: 'download', 'data-export': f, onclick: () => exportFile(m.id, f).catch(showError) }, f));
+    const rb = h('button', { type: 'button', id: 'export-robustbench', onclick: async () => {
+      try {
+        const rec = await getJSON(`/v1/models/${m.id}/export/robustbench`);
+        pre.textContent = JSON.stringify(rec, null, 2);
+      } catch (e) { showError(e); }
+    } }, 'RobustBench record');
+    const pre = h('pre', { id: 'robustbench-record' });
+    app.replaceChildren(h('h1', {}, `${m.name} `, h('span', { class: 'muted' }, `v${m.version}`)),
+      section('model-facts', 'Model', table(['', ''], facts, { id: 'model-facts-table' })),
+      section('model-evaluations', 'Evaluations', evalRows.length
+        ? table(['job', 'status', 'clean', 'worst case (robust accuracy)', 'created'], evalRows, { id: 'model-evals' })
+        : h('p', { class: 'muted', id: 'model-evals' }, 'No evaluations yet: submit an evaluate job with target_model.')),
+      section('model-export', 'Export', h('p', {}, 'Hugging Face layout: ', files), h('p', {}, rb), pre),
+      section('model-training', 'Training', h('pre', {}, typeof cfg.training === 'string' ? cfg.training
+        : JSON.stringify(cfg.training, null, 2) || '–')));
+  }
+
   // ------------------------------------------------------------------ router and token form
   function route() {
     routeSeq += 1;
@@ -722,7 +799,10 @@
     const params = new URLSearchParams(query || '');
     let page;
     const m = path.match(/^\/jobs\/([0-9a-fA-F-]{36})$/);
+    const mm = path.match(/^\/models\/([0-9a-fA-F-]{36})$/);
     if (m) page = renderJob(m[1]);
+    else if (mm) page = renderModel(mm[1]);
+    else if (path === '/models') page = renderModels();
     else if (path === '/compare') page = renderCompare((params.get('ids') || '').split(',').filter(Boolean));
     else page = renderJobs(params);
     page.then(() => { document.body.dataset.ready = String(routeSeq); }, (e) => {

@@ -1,6 +1,6 @@
 """Ensembles as safetensors and Hugging Face-layout folders: names, shapes, normalisation, refusals, round trips.
 
-The "outside" members are a plain torch LeNet written here from the layer list of ``lenet5`` (not our class),
+The "outside" members are a plain torch LeNet (``tests/plain_torch.py``) with the layer list of ``lenet5``,
 so the tests check that our registry maps someone else's ``state_dict`` onto the same function.
 """
 
@@ -12,41 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from plain_torch import MEAN, STD, plain
 from safetensors.torch import save, save_file
-from torch import nn
 
 from ensemble_core import registry_io as rio
 from ensemble_core.checkpoint import ensemble_from_state, load_checkpoint, load_ensemble
 from ensemble_core.data import load_dataset
 from ensemble_core.training import train_local
-
-MEAN, STD = 0.1307, 0.3081
-
-
-class PlainLeNet(nn.Module):
-    """A LeNet in plain torch: conv 20 -> 50 (5x5, ReLU, 2x2 max-pool), 800 -> 500 -> 64 -> 10, its own
-    normalisation of [0, 1] pixels."""
-
-    def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 20, 5)
-        self.conv2 = nn.Conv2d(20, 50, 5)
-        self.fc1 = nn.Linear(800, 500)
-        self.rep = nn.Linear(500, 64)
-        self.classifier = nn.Linear(64, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - MEAN) / STD
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.classifier(F.relu(self.rep(F.relu(self.fc1(x.flatten(1))))))
-
-
-def plain(seed: int) -> PlainLeNet:
-    torch.manual_seed(seed)
-    return PlainLeNet().eval()
-
 
 ARCH = rio.member_arch("lenet5", "mnist", mean=[MEAN], std=[STD])
 
