@@ -50,9 +50,32 @@ def _log(msg: str) -> None:
     print(f"[leaderboard {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def members_for(method: str, budget: dict[str, Any]) -> int:
+    """Networks to train so that the method's deployed rule listens to ``budget["members"]`` of them.
+
+    Every method's deployed rule reads all its members except DKD's auxiliary vote, which leaves out the main
+    model M: DKD trains M plus ``members`` auxiliaries (M + 3 voters, as in the paper's tables) so that it
+    votes with as many networks as the other ensembles have.
+    """
+    import torch
+
+    from ensemble_core.ensemble import combine_rule
+    from ensemble_core.methods import get_method
+
+    k = int(budget["members"])
+    rule = combine_rule(get_method(method).default_combine)
+    if rule.vote is None:
+        return k
+    m = k
+    while len(rule.vote.voters(torch.zeros(m, 1, 1))) < k:
+        m += 1
+    return m
+
+
 def reproduce_argv(method: str, dataset: str, budget: dict[str, Any], runs_dir: Path, threads: int) -> list[str]:
     """The ``reproduce`` command line for one leaderboard cell (also printed on the page, so anyone can rerun it)."""
-    return [method, "--dataset", dataset, "--epochs", str(budget["epochs"]), "--members", str(budget["members"]),
+    return [method, "--dataset", dataset, "--epochs", str(budget["epochs"]),
+            "--members", str(members_for(method, budget)), "--baseline-members", str(budget["members"]),
             "--train-subset", str(budget["train_subset"]), "--transfer-examples", str(budget["transfer_examples"]),
             "--wb-examples", str(budget["wb_examples"]), "--runs-dir", str(runs_dir / "reproduce"),
             "--out", str(runs_dir / "pages" / f"{dataset}-{method}.md"), "--threads", str(threads)]
@@ -108,6 +131,7 @@ def summarise(payload: dict[str, Any], budget: dict[str, Any] | None = None) -> 
     model = res["models"]["target"]
     return {
         "method": payload["method"], "status": "done", "hyperparameters": payload["hyperparameters"],
+        "members": payload.get("members"),
         "deployed_rule": clean["deployed_rule"], "attacked_rule": model.get("attacked_rule"),
         "clean_acc": clean.get("clean_acc_transfer_slice"), "clean_acc_white_box_slice": clean["clean_acc"],
         "member_clean_acc": clean.get("member_clean_acc_transfer_slice", clean["member_clean_acc"]),
@@ -319,9 +343,9 @@ def render(doc: dict[str, Any]) -> str:
         lines += ["Hyperparameters and the command that reproduces each row:", ""]
         for r in done:
             members = ", ".join(_pct(a) for a in r.get("member_clean_acc", []))
-            lines.append(f"- `{r['method']}` `{json.dumps(r['hyperparameters'], sort_keys=True)}`, deployed "
-                         f"`{r['deployed_rule']}`, members' clean accuracy (transfer slice, as *clean*) {members} %: "
-                         f"`{r['command']}`")
+            lines.append(f"- `{r['method']}` `{json.dumps(r['hyperparameters'], sort_keys=True)}`, "
+                         f"{r.get('members') or b['members']} networks, deployed `{r['deployed_rule']}`, members' "
+                         f"clean accuracy (transfer slice, as *clean*) {members} %: `{r['command']}`")
         lines.append("")
     lines += ["Columns: *clean* is the deployed rule's accuracy on the transfer slice; *any-attack mean* averages the "
               "any-attack column over its eps (the ranking key); *transfer mean* averages the 16 transfer cells "

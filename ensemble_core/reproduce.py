@@ -99,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "30 Fashion-MNIST; default 3, reduced)")
     p.add_argument("--train-subset", type=int, default=None,
                    help="train every model on a seeded subset of this many training images (default: all 60k)")
-    p.add_argument("--members", type=int, default=3, help="members of the method's target and the baseline target")
+    p.add_argument("--members", type=int, default=3, help="members of the method's target (and, by default, of the "
+                                                          "baseline target)")
+    p.add_argument("--baseline-members", type=int, default=None,
+                   help="members of the baseline target (default: --members); e.g. DKD with --members 4 trains M and "
+                        "3 voting auxiliaries, beside a 3-member baseline")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter override")
     p.add_argument("--quick", action="store_true", help="tiny budget for smoke tests (numbers not meaningful)")
     p.add_argument("--out", help="markdown output (default docs/methods/<method>-reproduction.md)")
@@ -200,7 +204,12 @@ def _train(spec: dict[str, Any], out: Path, retrain: bool = False) -> Path:
     resolved = TrainSpec.model_validate(spec).resolved()
     final = out / "ensemble.pt"
     if final.exists() and not retrain:
-        if checkpoint_spec(load_checkpoint(final)) == resolved:
+        stored = checkpoint_spec(load_checkpoint(final))
+        try:  # a checkpoint from before a new option was added: its spec with today's defaults filled in
+            stored = TrainSpec.model_validate(stored).resolved() if stored is not None else None
+        except Exception:  # noqa: BLE001 - an unreadable or foreign spec: retrain
+            stored = None
+        if stored == resolved:
             _log(f"reusing {final}")
             return final
         _log(f"{final} was trained with another spec; retraining")
@@ -472,8 +481,9 @@ def run_reproduction(argv: list[str] | None = None) -> dict[str, Any]:
     train_times: dict[str, float | None] = {}
 
     # 1. the method's target (not shared; its own lock so two identical runs do not collide)
-    base_key = f"baseline-m{args.members}"
-    if args.method == "baseline" and not hp_in:
+    base_members = args.baseline_members or args.members
+    base_key = f"baseline-m{base_members}"
+    if args.method == "baseline" and not hp_in and base_members == args.members:
         target_dir = shared / base_key
     else:
         target_dir = shared / "methods" / f"{args.method}-m{args.members}-{_digest(hp)}"
@@ -486,7 +496,7 @@ def run_reproduction(argv: list[str] | None = None) -> dict[str, Any]:
     # 2. shared: baseline target, surrogates, the baseline's evaluation (which crafts the transfer cache)
     cache = shared / "transfer-cache"
     with file_lock(shared / "shared.lock", "the shared baseline, surrogates and transfer examples"):
-        base_ckpt = _train(train_spec(args, "baseline", args.members, 0), shared / base_key)
+        base_ckpt = _train(train_spec(args, "baseline", base_members, 0), shared / base_key)
         surrogates = {}
         for name, k, seed in SURROGATES:
             surrogates[name] = str(_train(train_spec(args, "baseline", k, seed), shared / f"surrogate-m{k}-s{seed}"))
