@@ -132,6 +132,8 @@ ALL_ATTACKS = [
     (AttackSpec(name="pgd", steps=10, loss="dlr"), 0.2),
     (AttackSpec(name="mora", steps=20), 0.2),
     (AttackSpec(name="mora", steps=20, loss="dlr", norm="L2"), 1.5),
+    (AttackSpec(name="pgd", steps=10, losses=["vote", "softvote"]), 0.2),
+    (AttackSpec(name="autoattack", version="standard"), 0.2),
     (AttackSpec(name="autoattack_port", version="standard"), 0.2),
     (AttackSpec(name="autoattack_port", version="standard", norm="L2"), 1.5),
 ]
