@@ -80,6 +80,7 @@ class SurrogateDecl:
     key: str
     configuration: str
     seed: int
+    group: str = "baseline"  # the evaluation's per-group transfer worst case
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ class Campaign:
     eval_subset: int = 9000  # clean accuracy of every unit on the whole report subset
     overrides: dict[str, Any] = field(default_factory=dict)  # train-spec fields replacing the recipe's
     paper: dict[str, Any] = field(default_factory=dict)  # the paper's table: see CLDL_TABLE_IV
+    paper_group: str = "baseline"  # the surrogate group whose worst case is set against the paper's figures
+    paper_denominator: str = "clean_correct"  # the paper's figures: among clean-correct images, or "all"
+    extra_transfer_attacks: tuple[dict[str, Any], ...] = ()  # beside PROTOCOL's transfer set (a paper's own)
     notes: tuple[str, ...] = ()
 
 
@@ -117,6 +121,9 @@ class EvalUnit:
     id: str
     target: TrainUnit
     surrogates: tuple[tuple[str, TrainUnit], ...]  # (name shown in the records, unit)
+    groups: dict[str, str] = field(default_factory=dict)  # surrogate name -> group
+    paper_group: str = "baseline"
+    extra_transfer_attacks: tuple[dict[str, Any], ...] = ()
 
 
 # CLDL Table IV (spec cldl §7): MNIST, N = 3 LeNet-5, transfer robust accuracy (%) among clean-correct images,
@@ -165,8 +172,11 @@ CAMPAIGNS: dict[str, Campaign] = {c.name: c for c in [
               Row("kd", "kd-3voters", "KD* (sequential KD, 3 voters)", "KD*"),
               Row("ri", "ri-3", "RI* (3 independent members, boosted vote)", "RI*")),
         seeds=(0, 1, 2),
-        surrogates=(SurrogateDecl("surrogate-lenet", "lenet-surrogate", 100),
+        surrogates=(SurrogateDecl("surrogate-lenet", "lenet-surrogate", 100, group="lenet"),
                     SurrogateDecl("surrogate-b3", "baseline", 101)),
+        paper_group="lenet", paper_denominator="all",
+        extra_transfer_attacks=({"name": "fgsm", "eps": [0.04, 0.08], "losses": ["ce"],
+                                 "label": "fgsm (Table III)"},),
         overrides={"epochs": 10},
         paper={"table": "DKD Table III (MNIST, surrogate LeNet)", "eps": [0.04, 0.08, 0.1],
                "metric": "ensemble accuracy under transfer FGSM (all 10,000 test images, not conditional)",
@@ -303,10 +313,12 @@ def eval_units(c: Campaign) -> list[EvalUnit]:
         for row in c.rows:
             target = by_id[f"{row.key}-s{s}"]
             surs = [(f"{d.key} (seed {d.seed})", by_id[f"{d.key}-s{d.seed}"]) for d in c.surrogates]
+            groups = {f"{d.key} (seed {d.seed})": d.group for d in c.surrogates}
             if c.same_method_surrogate and len(c.seeds) > 1:
                 other = c.seeds[(s_i + 1) % len(c.seeds)]
                 surs.append((f"same-method {row.key} (seed {other})", by_id[f"{row.key}-s{other}"]))
-            out.append(EvalUnit(target.id, target, tuple(surs)))
+                groups[surs[-1][0]] = "same-method"
+            out.append(EvalUnit(target.id, target, tuple(surs), groups, c.paper_group, c.extra_transfer_attacks))
     return out
 
 
@@ -523,12 +535,13 @@ def eval_fingerprint(unit: EvalUnit, paths: Paths, spec_template: dict[str, Any]
 
 
 def surrogate_groups(unit: EvalUnit) -> dict[str, str]:
-    """``baseline`` for the declared surrogates (the papers' transfer sets), ``same-method`` for the row's own
-    configuration at another seed."""
-    return {name: ("same-method" if name.startswith("same-method") else "baseline") for name, _ in unit.surrogates}
+    """Each surrogate's group: as declared (``baseline`` by default: the papers' transfer sets), ``same-method``
+    for the row's own configuration at another seed."""
+    return {name: unit.groups.get(name, "same-method" if name.startswith("same-method") else "baseline")
+            for name, _ in unit.surrogates}
 
 
-def paper_mean(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def paper_mean(records: list[dict[str, Any]], group: str = "baseline") -> dict[str, dict[str, float]]:
     """Spec cldl correction 2: the paper text's metric, correct adversarial instances over all adversarial
     instances averaged over the transfer sets, here the mean over the (surrogate, loss) components of each
     transfer record (an image wrong when clean counts as wrong), next to the code's per-image worst case."""
@@ -536,7 +549,7 @@ def paper_mean(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     transfer = [r for r in records if r.get("threat") == "transfer" and r.get("components")]
     groups = {r.get("surrogate_group") for r in transfer}
     # the papers' transfer sets are the baseline surrogates'; a record without groups covers every surrogate
-    wanted = "baseline" if "baseline" in groups else next(iter(groups), None)
+    wanted = group if group in groups else next(iter(groups), None)
     for r in transfer:
         if r.get("surrogate_group") != wanted:
             continue
@@ -556,6 +569,11 @@ def run_eval_unit(unit: EvalUnit, paths: Paths, *, device: str = "cpu", commit: 
     ckpt = paths.checkpoint(unit.target.id)
     spec = campaign_evaluation_spec(dataset, str(ckpt), quick=quick, transfer_examples=transfer_examples,
                                     wb_examples=wb_examples)
+    if unit.extra_transfer_attacks:
+        from ensemble_core.evaluation.runner import protocol_transfer_attacks
+
+        base = spec.get("transfer_attacks") or [a.model_dump(mode="json") for a in protocol_transfer_attacks(dataset)]
+        spec = {**spec, "transfer_attacks": [*base, *unit.extra_transfer_attacks]}
     template = {k: v for k, v in spec.items() if k != "target_checkpoint"}
     fp = eval_fingerprint(unit, paths, template)
     rec_path = paths.eval_record(unit.id)
@@ -580,7 +598,7 @@ def run_eval_unit(unit: EvalUnit, paths: Paths, *, device: str = "cpu", commit: 
         "surrogates": {name: {"unit": s.id, "checkpoint": paths.rel(paths.checkpoint(s.id)),
                               "group": groups[name]} for name, s in unit.surrogates},
         "clean": result.get("clean"), "flags": result.get("flags"), "records": records,
-        "paper_mean": paper_mean(records),
+        "paper_mean": paper_mean(records, unit.paper_group), "paper_group": unit.paper_group,
         "paper_mean_label": "mean over the transfer sets (surrogate x loss) of the accuracy on all images of the "
                             "slice (the paper text's definition, spec cldl correction 2)",
         "per_example_state_zlib_b64": compress_json(json.loads(state_file.read_text())) if state_file.exists()
@@ -720,16 +738,35 @@ def render_report(c: Campaign, paths: Paths) -> str:
     lines += ["", "## Black-box transfer", ""]
     evals = {u.id: json.loads(paths.eval_record(u.id).read_text()) for u in eval_units(c)
              if paths.eval_record(u.id).exists()}
-    if not evals:
-        lines += ["No evaluation unit is recorded yet (`--phase eval`).", ""]
-        return "\n".join(lines)
     paper = c.paper or {}
+    n_done = sum(train_done(paths, u) for u in units)
+    lines[lines.index("## Black-box transfer") - 1:lines.index("## Black-box transfer") - 1] = [
+        "", f"{n_done} of {len(units)} training units recorded; checkpoints "
+        f"{sum(paths.checkpoint(u.id).stat().st_size for u in units if train_done(paths, u)) / 1e6:.1f} MB in "
+        "`checkpoints/` (members and auxiliary modules only). Training times are on a shared 2-core CPU, one "
+        "thread, niced, next to other jobs: indicative only."]
+    if not evals:
+        lines += ["No evaluation unit is recorded yet (`--phase eval`). The paper's figures the cells will be set "
+                  f"against ({paper.get('table', '–')}; {paper.get('metric', '')}):", ""]
+        eps = paper.get("eps", [])
+        cols = paper.get("columns", {})
+        if cols:
+            fams = sorted({f for col in cols.values() for f in col if isinstance(col[f], list)})
+            lines += ["| column | " + " | ".join(f"{f} ε={e:g}" for f in fams for e in eps) + " |",
+                      "|---|" + "---|" * (len(fams) * len(eps))]
+            for name, col in cols.items():
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{col[f][i]:.2f}" if isinstance(col.get(f), list) else "–" for f in fams
+                    for i in range(len(eps))) + " |")
+            lines.append("")
+        return "\n".join(lines)
     lines += [f"Paper: {paper.get('table', '–')}; {paper.get('metric', '')}.", "",
-              "Ours: transfer worst case per image over the baseline surrogates (both losses, every PGD seed), as "
-              "the paper's 12 transfer sets; mean ± sd over the evaluated seeds; *all images* / *among "
+              f"Ours: transfer worst case per image over the `{c.paper_group}` surrogates (both losses, every PGD "
+              "seed), the paper's transfer sets; mean ± sd over the evaluated seeds; *all images* / *among "
               "clean-correct* (the paper's denominator). The same-method surrogate and the white-box attacks are in "
               "each `eval/<unit>.json`.", "",
-              "| row | attack | ε | ours, all images | ours, clean-correct | paper | ours − paper (clean-correct) | "
+              f"| row | attack | ε | ours, all images | ours, clean-correct | paper | ours − paper "
+              f"({'clean-correct' if c.paper_denominator == 'clean_correct' else 'all images'}) | "
               "paper_mean (ours) |", "|---|---|---|---|---|---|---|---|"]
     for row in c.rows:
         recs = [evals[u.id] for u in eval_units(c) if u.target.row == row.key and u.id in evals]
@@ -740,8 +777,8 @@ def render_report(c: Campaign, paths: Paths) -> str:
             for r in rec["records"]:
                 if r.get("threat") != "transfer" or r.get("model") != "target":
                     continue
-                if r.get("surrogate_group", "baseline") != "baseline" or str(r["attack"]).startswith("worst"):
-                    continue  # the papers' transfer sets: the baseline surrogates
+                if r.get("surrogate_group", c.paper_group) != c.paper_group or str(r["attack"]).startswith("worst"):
+                    continue  # the paper's transfer sets: the campaign's paper group of surrogates
                 key = (str(r["attack"]), float(r["eps"]))
                 d = cells.setdefault(key, {"all": [], "cc": [], "pm": []})
                 if r.get("robust_acc") is not None:
@@ -757,7 +794,8 @@ def render_report(c: Campaign, paths: Paths) -> str:
             p = None
             if col and eps in paper.get("eps", []):
                 p = col[paper["eps"].index(eps)]
-            diff = (f"{100 * statistics.mean(d['cc']) - p:+.1f}" if (p is not None and d["cc"]) else "–")
+            ours = d["cc"] if c.paper_denominator == "clean_correct" else d["all"]
+            diff = f"{100 * statistics.mean(ours) - p:+.1f}" if (p is not None and ours) else "–"
             lines.append(f"| {row.label} | {attack} | {eps:g} | {_mean_sd(d['all'])} | {_mean_sd(d['cc'])} | "
                          f"{'–' if p is None else f'{p:.2f}'} | {diff} | {_mean_sd(d['pm'])} |")
     lines.append("")

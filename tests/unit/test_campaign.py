@@ -194,3 +194,13 @@ def test_dkd_table3_is_the_table_one_network_with_three_voters() -> None:
         rule = combine_rule(spec.combine or m.combine())
         assert rule.vote is not None and rule.vote.voters(torch.zeros(spec.members, 1, 10)).shape[0] == 3
     assert units["kd-s0"].spec["hyperparameters"]["objective"] == "kd"
+
+
+def test_dkd_table3_compares_the_lenet_surrogate_with_table_three() -> None:
+    from ensemble_core.spec import AttackSpec
+
+    c = cp.get_campaign("dkd-table3")
+    for e in eval_units(c):
+        assert e.paper_group == "lenet" and sorted(e.groups.values()) == ["baseline", "lenet", "same-method"]
+        assert [AttackSpec.model_validate(a).eps for a in e.extra_transfer_attacks] == [[0.04, 0.08]]
+    assert c.paper_denominator == "all" and cp.get_campaign("cldl-table4").paper_denominator == "clean_correct"
