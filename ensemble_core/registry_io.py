@@ -46,6 +46,7 @@ CARD_FILE = "README.md"
 NORM_BUFFERS = ("mean", "std")  # MemberNet's normalisation buffers: set from config.json, never uploaded
 OPTIONAL_SUFFIXES = (".num_batches_tracked",)  # BatchNorm's step counter: unused in eval mode, optional
 MAX_PROBLEMS = 20  # problems listed per refused upload
+MAX_MEMBER_PARAMETERS = 100_000_000  # per member (ResNet-18 has 11 M); bounds what architecture arguments may ask
 VALIDATION_IMAGES = 20
 _MEMBER_KEY = re.compile(r"^members\.(\d+)\.(.+)$")
 
@@ -104,10 +105,15 @@ def member_arch(architecture: str, dataset: str, *, input_range: Sequence[float]
     span = hi - lo
     arch = {"name": architecture, "num_classes": info.num_classes, "in_channels": c, "image_size": info.image_size,
             "mean": [(v - lo) / span for v in m], "std": [v / span for v in s], "kwargs": dict(kwargs or {})}
-    try:
-        build_arch_member(arch)
-    except (TypeError, ValueError) as e:
-        raise UploadError([("architecture_kwargs", f"{architecture} cannot be built with these arguments: {e}")]) from e
+    try:  # on the meta device: no memory is allocated, whatever size the arguments ask for
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in build_arch_member(arch).parameters())
+    except Exception as e:  # TypeError, ValueError, RuntimeError of a layer: the arguments are wrong
+        raise UploadError([("architecture_kwargs", f"{architecture} cannot be built with these arguments: "
+                                                   f"{str(e)[:200]}")]) from None
+    if n_params > MAX_MEMBER_PARAMETERS:
+        raise UploadError([("architecture_kwargs", f"{architecture} with these arguments has {n_params:,} parameters "
+                                                   f"per member, more than {MAX_MEMBER_PARAMETERS:,}")])
     return arch
 
 
@@ -146,10 +152,11 @@ def canonical_tensors(member: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {canon: sd[canon].detach().to("cpu").contiguous().clone() for canon in names}
 
 
-def full_state_dict(arch: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def full_state_dict(arch: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                    model: MemberNet | None = None) -> dict[str, torch.Tensor]:
     """The complete ``state_dict`` of a member (aliases and normalisation buffers included) from its canonical
-    tensors: what ``load_state_dict(strict=True)`` takes."""
-    model = build_arch_member(arch)
+    tensors: what ``load_state_dict(strict=True)`` takes. ``model``: a member of ``arch`` to read the keys from."""
+    model = model if model is not None else build_arch_member(arch)
     aliases = alias_map(model)
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
@@ -167,7 +174,7 @@ def full_state_dict(arch: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
 def member_from_tensors(arch: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> MemberNet:
     """A member of ``arch`` holding ``tensors`` (canonical names), in eval mode."""
     model = build_arch_member(arch)
-    model.load_state_dict(full_state_dict(arch, tensors), strict=True)
+    model.load_state_dict(full_state_dict(arch, tensors, model), strict=True)
     return model.eval()
 
 
@@ -214,14 +221,14 @@ def split_members(files: Sequence[Mapping[str, torch.Tensor]], where: str = "wei
     return [dict(f) for f in files]
 
 
-def check_member_tensors(arch: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: str
-                         ) -> tuple[dict[str, torch.Tensor], list[str]]:
+def check_member_tensors(arch: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: str,
+                         model: MemberNet | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``(canonical tensors as float32 / int64, problems)`` of one uploaded member.
 
     A tensor may be named by any of its keys in the architecture's ``state_dict`` (``conv1.weight`` or
     ``convs.0.weight``). ``mean`` / ``std`` buffers may be present when they equal the declared
-    normalisation; ``num_batches_tracked`` may be absent."""
-    model = build_arch_member(arch)
+    normalisation; ``num_batches_tracked`` may be absent. ``model``: a member of ``arch`` (built when None)."""
+    model = model if model is not None else build_arch_member(arch)
     aliases = alias_map(model)
     sd = model.state_dict()
     problems: list[str] = []
@@ -321,8 +328,9 @@ def validate_members(arch: Mapping[str, Any], members: Sequence[Mapping[str, tor
         raise UploadError([("combine", str(e))]) from None
     canon: list[dict[str, torch.Tensor]] = []
     problems: list[str] = []
+    reference = build_arch_member(arch)
     for i, tensors in enumerate(members):
-        out, p = check_member_tensors(arch, tensors, f"member {i}")
+        out, p = check_member_tensors(arch, tensors, f"member {i}", reference)
         canon.append(out)
         problems += p
     if problems:

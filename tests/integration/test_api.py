@@ -81,7 +81,7 @@ def test_submit_returns_201_with_the_resolved_spec_and_the_job_reads_back(api: A
     assert job["created_at"] and job["progress"] == 0.0
     # resolved: every default filled in, the method's hyperparameters included
     assert job["spec"]["optimizer"] == {"name": "adam", "lr": 0.001, "weight_decay": 0.0, "momentum": 0.9,
-                                        "nesterov": False, "betas": [0.9, 0.999]}
+                                        "nesterov": False, "betas": [0.9, 0.999], "eps": 1e-08}
     assert job["spec"]["hyperparameters"] == {"label_smoothing": 0.1}
     assert job["spec"]["epochs"] == 2 and job["spec"]["workers"] == 1
     got = api.client.get(f"/v1/jobs/{job['id']}").json()

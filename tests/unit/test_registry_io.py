@@ -93,10 +93,13 @@ def test_unknown_architecture_dataset_combine_and_bad_normalisation_name_their_f
             rio.member_arch(**kwargs)  # type: ignore[arg-type]
         assert e.value.problems[0][0] == field
     for kwargs, field in ((dict(input_range=(1, 0)), "input_range"), (dict(std=[0.0]), "std"),
-                          (dict(mean=[0.1, 0.2]), "mean"), (dict(kwargs={"nope": 1}), "architecture_kwargs")):
+                          (dict(mean=[0.1, 0.2]), "mean"), (dict(kwargs={"nope": 1}), "architecture_kwargs"),
+                          (dict(kwargs={"rep_dim": -1}), "architecture_kwargs")):
         with pytest.raises(rio.UploadError) as e:
             rio.member_arch("lenet5", "mnist", **kwargs)  # type: ignore[arg-type]
         assert e.value.problems[0][0] == field
+    with pytest.raises(rio.UploadError, match="parameters per member, more than"):  # built on meta: no allocation
+        rio.member_arch("lenet5", "mnist", kwargs={"rep_dim": 10**9})
     with pytest.raises(rio.UploadError) as e:
         rio.validate_members(ARCH, [plain(0).state_dict()], "median", "mnist")
     assert e.value.problems[0][0] == "combine"
