@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,6 +104,21 @@ def default_alpha(spec: AttackSpec, eps: float) -> float:
     return eps / spec.steps
 
 
+def _dist_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+PYAUTOATTACK_VERSION = _dist_version("pyautoattack")
+REFERENCE_COMPONENTS = {
+    "standard": "apgd-ce (100 iterations, 1 restart), apgd-t (targeted DLR, 100 iterations, 9 target classes), "
+                "fab-t (100 iterations, 9 target classes), square (5000 queries); each on the points the previous "
+                "left robust",
+    "plus": "apgd-ce, apgd-dlr (100 iterations, 5 restarts), fab (5 restarts), square (5000 queries, 5 restarts), "
+            "apgd-t, fab-t (9 target classes)",
+    "rand": "apgd-ce, apgd-dlr (100 iterations, 20 EoT iterations)"}
 PORT_COMPONENTS = {"standard": "apgd-ce, apgd-t (dlr), fab-t, square (5000 queries)",
                    "plus": "apgd-ce, apgd-dlr, fab, square (5000 queries), apgd-t, fab-t",
                    "rand": "apgd-ce, apgd-dlr with 20 EoT iterations"}
@@ -138,11 +154,10 @@ def resolved_params(spec: AttackSpec, eps: float | None) -> dict[str, Any]:
         p.update(n_queries=spec.n_queries, p_init=0.8, square_loss="margin" if attack_losses(spec) == ["cw"] else
                  "ce" if attack_losses(spec) == ["ce"] else "ce+margin")
     elif spec.name == "autoattack":
-        from ensemble_core.evaluation.reference_autoattack import reference_components
-
-        p.update(version=spec.version, components=reference_components(spec.version, attack_norm(spec)),
-                 note="the reference AutoAttack at its own iteration counts and restarts; its examples are "
-                      "scored on the deployed rule")
+        p.update(version=spec.version, components=REFERENCE_COMPONENTS[spec.version],
+                 note="the reference AutoAttack at its own iteration counts, restarts and target classes (never "
+                      "reduced), on the deployed rule's differentiable view; its examples are scored on the "
+                      "deployed rule")
     elif spec.name == "autoattack_port":
         p.update(version=spec.version, components=PORT_COMPONENTS[spec.version],
                  note="torchattacks' port (APGD/APGD-T/FAB at torchattacks' defaults); not the reference")
@@ -166,9 +181,7 @@ def implementation_name(spec: AttackSpec) -> str:
         return (f"ensemble_core.evaluation.attacks.CWMasked (torchattacks {TORCHATTACKS_VERSION} CW with the "
                 "masked CW margin)")
     if spec.name == "autoattack":
-        from ensemble_core.evaluation.reference_autoattack import implementation
-
-        return implementation()
+        return f"pyautoattack {PYAUTOATTACK_VERSION} AutoAttack (the reference, by its authors)"
     base = {"square": "Square", "autoattack_port": "AutoAttack"}[spec.name]
     return f"torchattacks {TORCHATTACKS_VERSION} {base}"
 
