@@ -440,8 +440,9 @@ def clean_outcomes(checkpoint: Path, dataset: str, data_dir: str | None = None, 
 
 
 def run_train_unit(unit: TrainUnit, paths: Paths, *, device: str = "cpu", commit: bool = False,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one unit (resuming from ``runs/``), then write its record and members-only checkpoint."""
+                   log: Callable[[str], None] = print, campaign: Campaign | None = None) -> dict[str, Any]:
+    """Train one unit (resuming from ``runs/``), then write its record and members-only checkpoint (and, given
+    the ``campaign``, its regenerated page, committed with them)."""
     from ensemble_core.checkpoint import load_checkpoint, save_checkpoint
     from ensemble_core.spec import TrainSpec
     from ensemble_core.training import train_local
@@ -479,8 +480,13 @@ def run_train_unit(unit: TrainUnit, paths: Paths, *, device: str = "cpu", commit
     }
     rec_path = paths.train_record(unit.id)
     _atomic_write(rec_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    files = [rec_path, ckpt]
+    if campaign is not None:
+        page = paths.results / "README.md"
+        _atomic_write(page, render_report(campaign, paths) + "\n")
+        files.append(page)
     if commit:
-        git_commit(paths.root, [rec_path, ckpt],
+        git_commit(paths.root, files,
                    f"campaign {unit.campaign}: {unit.id} trained ({record['configuration']}, seed {unit.seed}, "
                    f"clean {100 * clean['acc']:.2f} %)", log)
     return record
@@ -662,7 +668,7 @@ def run_training(c: Campaign, paths: Paths, *, device: str = "cpu", commit: bool
             f"{_fmt_s(costs[u.id] * clock.rate)}; all remaining {_fmt_s(left)}, ETA "
             f"{time.strftime('%a %H:%M', time.localtime(time.time() + left))}")
         t0 = time.time()
-        rec = run_train_unit(u, paths, device=device, commit=commit, log=log)
+        rec = run_train_unit(u, paths, device=device, commit=commit, log=log, campaign=c)
         clock.add(costs[u.id], float(rec.get("train_time_s") or time.time() - t0))
         trained.append(u.id)
         left = sum(costs[v.id] for v in todo[i + 1:]) * clock.rate

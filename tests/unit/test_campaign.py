@@ -81,6 +81,7 @@ def test_tiny_campaign_trains_records_skips_and_resumes(tiny_paths: Paths) -> No
     done = cp.run_training(TINY, tiny_paths, log=logs.append)
     assert done == [u.id for u in train_units(TINY)] and len(done) == 5
     assert any("ETA" in line and "unit 1/5" in line for line in logs)
+    assert "| GAL (LSD) | `gal-lsd` | 0, 1 |" in (tiny_paths.results / "README.md").read_text()  # page kept current
     rec = json.loads(tiny_paths.train_record("gal-s1").read_text())
     assert rec["format"] == cp.TRAIN_FORMAT and rec["configuration"] == "gal-lsd" and rec["seed"] == 1
     assert rec["resolved_spec"]["hyperparameters"]["ce_reduction"] == "mean"
