@@ -312,3 +312,7 @@ def test_the_cli_uploads_lists_shows_exports_and_deletes(env: Env, tmp_path: Pat
     assert "name:" in capsys.readouterr().err
     assert main(["models", "delete", mid]) == 0 and "deleted" in capsys.readouterr().out
     assert env.stored() == (0, [])
+    job_id, _ = _succeeded_train_job(env, "alice", tmp_path)
+    assert main(["models", "register", job_id, "--name", "from-job", "--version", "7", "--tag", "cli", "--json"]) == 0
+    registered = json.loads(capsys.readouterr().out)
+    assert (registered["source_job_id"], registered["version"], registered["tags"]) == (job_id, "7", ["cli"])
