@@ -476,7 +476,7 @@ def cmd_attacks(args: argparse.Namespace) -> int:
         for p, info in a["parameters"].items():
             ops = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<="}
             bounds = [f"{ops[k]} {v}" for k, v in info.items() if k in ops]
-            enum = f" one of {', '.join(map(str, info['enum']))}" if info.get("enum") else ""
+            enum = f"  one of {', '.join(map(str, info['enum']))}" if info.get("enum") else ""
             print(f"    {p} = {json.dumps(info.get('default'))}" + (f"  [{', '.join(bounds)}]" if bounds else "")
                   + enum + (f"  {info['description']}" if info.get("description") else ""))
     if not args.name:

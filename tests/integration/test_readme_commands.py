@@ -105,8 +105,8 @@ def test_readme_parsing_finds_every_command() -> None:
     cmds = [c for b in fenced_blocks(section, "bash") for c in shell_commands(b)]
     names = [c[0].rsplit("/", 1)[-1] + " " + c[1] if c[0].endswith("robust-ensembles") else c[0] for c in cmds]
     assert names[0] == "robust-ensembles up" and "curl" in names, names
-    assert {"robust-ensembles methods", "robust-ensembles submit", "robust-ensembles status",
-            "robust-ensembles results", "robust-ensembles artifacts"} <= set(names), names
+    assert {"robust-ensembles methods", "robust-ensembles attacks", "robust-ensembles submit",
+            "robust-ensembles status", "robust-ensembles results", "robust-ensembles artifacts"} <= set(names), names
     assert len(fenced_blocks(section, "python")) == 1
     assert inline_command(section, "robust-ensembles train-local")[1] == "train-local"
     assert inline_command(section, "robust-ensembles token create") == [
@@ -360,6 +360,14 @@ def test_using_the_service_commands(service: Service) -> None:
             listed = re.findall(r"^(\w+):", out, re.M)
             assert set(method_names()) <= set(listed), (listed, method_names())
             assert re.search(r"^pdd:.*\n(?:  .*\n)*?    \w+ = ", out, re.M), "pdd's hyperparameters not listed"
+        elif sub == "attacks":
+            out = svc.run(argv).stdout
+            from ensemble_core.attack_catalog import attack_names
+
+            listed = re.findall(r"^(\w+) \(", out, re.M)
+            assert listed == attack_names(), (listed, attack_names())
+            assert re.search(r"^mora .*\n  losses: ce, cw, dlr\n", out, re.M), out
+            assert re.search(r"^    steps = 40  \[>= 1, <= 10000\]", out, re.M), out
         elif sub == "submit" and argv[2] == "train":
             assert "--watch" in argv
             out = svc.run(argv, timeout=JOB_TIMEOUT_S).stdout
@@ -399,7 +407,7 @@ def test_using_the_service_commands(service: Service) -> None:
             _check_ensemble(path, members=3)
         else:
             raise AssertionError(f"README command not exercised by this test: {shlex.join(argv)}")
-    assert seen == ["methods", "submit", "status", "results", "artifacts", "submit"], seen
+    assert seen == ["methods", "attacks", "submit", "status", "results", "artifacts", "submit"], seen
     assert train_id and eval_id and results_cmd
 
     # `results <job-id>` for the evaluate job: the robustness table of the README's evaluation
