@@ -267,7 +267,10 @@ class EvalChecksSpec(StrictModel):
     large_eps_l2: float | None = Field(None, gt=0, le=1e4, description="L2 counterpart; default 0.5·sqrt(pixels)")
     large_eps_steps: int = Field(20, ge=1, le=10_000)
     n_examples: int = Field(100, ge=1, le=10_000, description="examples used by the large-eps and PGD-k/2k checks")
-    convergence: bool = Field(True, description="PGD-k vs PGD-2k on the first PGD attack's middle eps")
+    convergence: bool = Field(True, description="PGD-k vs PGD-2k at every eps of the first PGD attack (its breaks "
+                                                "enter the worst case)")
+    collapse_gap: float = Field(0.2, ge=0, le=1, description="member_collapse fires when a member's clean accuracy "
+                                                             "is more than this below the best member's")
     tolerance: float = Field(0.02, ge=0, le=1, description="accuracy difference that raises a comparison flag")
 
 
@@ -314,6 +317,15 @@ class EvaluateSpec(StrictModel):
                     getattr(self, f"{role}_job") is not None or getattr(self, f"{role}_checkpoint") is not None):
                 raise ValueError(f"{role}_model: give one of {role}_job, {role}_checkpoint and {role}_model")
         return self
+
+    @field_validator("transfer_attacks")
+    @classmethod
+    def _transfer_losses(cls, v: list[AttackSpec]) -> list[AttackSpec]:
+        for a in v:
+            if {"vote", "softvote"} & set(a.losses or [a.loss]):
+                raise ValueError("vote-aware losses attack the target's own vote; transfer examples are crafted on "
+                                 "the surrogate's log of mean probabilities: use ce, cw or dlr")
+        return v
 
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
