@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -40,9 +41,11 @@ from service.db import make_engine
 from service.limits import MAX_ERRORS, BodySizeLimit, cap_errors, check_idempotency_key, check_storable
 from service.model_registry import ModelStore
 from service.models import JOB_STATUSES, TERMINAL_STATUSES
+from service.policies import job_gpus
 from service.queue import IdempotencyConflict, InvalidTransition, JobNotFound, Queue
 from service.routes_leaderboard import router as leaderboard_router
 from service.routes_models import MODELS_PATH, register_model_routes
+from service.routes_platform import register_platform_routes
 from service.routes_tune import register_tune_routes
 from service.routes_ui import router as ui_router
 from service.security import HostCheck, SecurityHeaders, swagger_ui_html
@@ -73,6 +76,36 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
 
 def _split_csv(values: list[str] | None) -> list[str]:
     return [v for item in values or [] for v in item.split(",") if v]
+
+
+FILTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # method and data set names in filters
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """A date or time of a query: without a time zone it is UTC."""
+    return value if value is None or value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def list_filter_errors(methods: list[str], datasets: list[str], tags: list[str], q: str | None,
+                       since: datetime | None, until: datetime | None) -> list[dict[str, Any]]:
+    """422 items for the filters of ``GET /v1/jobs`` (each naming its query parameter)."""
+    errors = []
+    for name, values in (("method", methods), ("dataset", datasets)):
+        bad = [v for v in values if not FILTER_NAME.match(v)]
+        if bad or len(values) > 32:
+            errors.append(error_item(["query", name], f"{bad[0][:50]!r} is not a name" if bad
+                                     else "at most 32 values"))
+    try:
+        schemas.check_tags(tags)
+        if len(tags) > schemas.MAX_TAGS:
+            raise ValueError(f"at most {schemas.MAX_TAGS} tags")
+    except ValueError as e:
+        errors.append(error_item(["query", "tag"], str(e)))
+    if q is not None and "\x00" in q:
+        errors.append(error_item(["query", "q"], "NUL characters are not allowed"))
+    if since is not None and until is not None and _aware(since) >= _aware(until):  # type: ignore[operator]
+        errors.append(error_item(["query", "until"], "must be later than since"))
+    return errors
 
 
 def list_artifacts(root: Path) -> list[dict[str, Any]]:
@@ -207,6 +240,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
     model_store = ModelStore(engine, settings.models_root)
     app.state.model_store = model_store
     register_model_routes(app, queue, model_store)  # /v1/models: the model registry (docs/models.md)
+    register_platform_routes(app, queue, settings)  # PATCH / DELETE a job, usage, retention, quotas
     app.include_router(leaderboard_router)  # GET /v1/leaderboard (a JSON document, no torch)
     app.include_router(ui_router)  # the dashboard at /ui/ (static files; its JS calls /v1)
 
@@ -339,6 +373,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
                 depends_on=deps,
                 owner=principal.owner,
                 deadline_seconds=body.deadline_seconds,
+                tags=body.tags,
+                note=body.note,
+                gpus=job_gpus(body.kind, resolved),
             )
         except IdempotencyConflict as e:  # keys are scoped to their owner: this is the caller's own job
             raise HTTPException(status_code=409, detail=str(e)) from None
@@ -355,10 +392,25 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
         parent_id: uuid.UUID | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+        method: Annotated[list[str] | None, Query(description="train / tune jobs' method; repeat or comma-separate")
+                          ] = None,
+        dataset: Annotated[list[str] | None, Query(description="train / tune jobs' data set; repeat or "
+                                                               "comma-separate")] = None,
+        tag: Annotated[list[str] | None, Query(description="jobs with every one of these tags; repeat or "
+                                                           "comma-separate")] = None,
+        q: Annotated[str | None, Query(max_length=200, description="case-insensitive text in the job's id, note, "
+                                                                   "tags, error, idempotency key or spec")] = None,
+        since: Annotated[datetime | None, Query(description="created at or after (ISO 8601 date or time)")] = None,
+        until: Annotated[datetime | None, Query(description="created before (ISO 8601 date or time)")] = None,
     ) -> dict[str, Any]:
         """Jobs, newest first. Trials (children of tune jobs) are listed with ``parent_id`` or ``kind=trial``.
-        A user token lists its owner's jobs only; an admin token every job."""
+        A user token lists its owner's jobs only; an admin token every job. Filters combine (AND); a
+        filter's values (repeated or comma-separated) match any of them, except ``tag``: every tag."""
         statuses, kinds = _split_csv(status), _split_csv(kind)
+        methods, datasets, tags = _split_csv(method), _split_csv(dataset), _split_csv(tag)
+        filter_errors = list_filter_errors(methods, datasets, tags, q, since, until)
+        if filter_errors:
+            raise SpecError(filter_errors)
         bad = [s for s in statuses if s not in JOB_STATUSES]
         if bad:
             raise SpecError(
@@ -386,6 +438,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
             offset=offset,
             include_result=parent_id is not None,
             owner=principal_of(request).list_filter,
+            method=methods,
+            dataset=datasets,
+            tags=tags,
+            search=q,
+            since=_aware(since),
+            until=_aware(until),
         )
         return {"items": [_public(j) for j in items], "total": total, "limit": limit, "offset": offset}
 

@@ -1,7 +1,8 @@
 """``robust-ensembles``: run the service, and talk to it.
 
-Service:   up | demo | serve | worker | db upgrade/downgrade/current | token create/list/revoke
-Client:    submit | status | watch | logs | metrics | results | artifacts | cancel | methods | models
+Service:   up | demo | serve | worker | db upgrade/downgrade/current | token create/list/revoke | cleanup | quota
+Client:    submit | status | watch | logs | metrics | results | artifacts | cancel | methods | models | edit |
+           delete | usage | retention | webhooks
 Library:   train-local | reproduce | leaderboard | campaign
 
 The client commands talk to the REST API at ``--api`` (default ``$RE_API_URL`` or
@@ -119,7 +120,8 @@ def _job_line(j: dict[str, Any]) -> str:
     return (f"{j['id']}  {j['kind']:<8} {j['status']:<10} {100 * j['progress']:5.1f}%  epoch {epoch:<7} "
             f"attempts {j['attempts'] - j.get('infra_failures', 0)}/{j['max_attempts']}"
             + (f" (+{j['infra_failures']} infra)" if j.get("infra_failures") else "")
-            + f"  {_fmt_time(j['created_at'])}")
+            + f"  {_fmt_time(j['created_at'])}"
+            + (f"  [{', '.join(j['tags'])}]" if j.get("tags") else ""))
 
 
 def _install_stop_signals(stop: Any) -> None:
@@ -290,7 +292,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = build_spec(args.spec, args.set or [])
     with _client(args) as c:
         job = c.submit(args.kind, spec, priority=args.priority, max_attempts=args.max_attempts,
-                       idempotency_key=args.idempotency_key)
+                       idempotency_key=args.idempotency_key, tags=args.tag, note=args.note)
         if args.json:
             _print_json(job)
         else:
@@ -308,11 +310,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                 _print_json(job)
                 return 0
             print(_job_line(job))
-            for key in ("stage", "error", "lease_owner", "depends_on", "started_at", "finished_at"):
+            for key in ("stage", "waiting_reason", "error", "lease_owner", "depends_on", "started_at",
+                        "finished_at", "tags", "note"):
                 if job.get(key):
                     print(f"  {key}: {job[key]}")
             return 0
-        page = c.jobs(status=args.status, kind=args.kind, limit=args.limit)
+        page = c.jobs(status=args.status, kind=args.kind, limit=args.limit, method=args.method,
+                      dataset=args.dataset, tags=args.tag, search=args.search, since=args.since, until=args.until)
         if args.json:
             _print_json(page)
             return 0
@@ -590,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--priority", type=int, default=0)
     sp.add_argument("--max-attempts", type=int, default=None)
     sp.add_argument("--idempotency-key", default=None)
+    sp.add_argument("--tag", action="append", help="a tag of the job (repeat)")
+    sp.add_argument("--note", help="a free-text note on the job")
     sp.add_argument("--watch", action="store_true", help="follow the job until it finishes")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_submit)
@@ -598,6 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("job_id", nargs="?")
     sp.add_argument("--status", help="filter (comma-separated)")
     sp.add_argument("--kind", help="filter (comma-separated)")
+    sp.add_argument("--method", help="filter: train / tune jobs' method (comma-separated)")
+    sp.add_argument("--dataset", help="filter: train / tune jobs' data set (comma-separated)")
+    sp.add_argument("--tag", action="append", help="filter: jobs with this tag (repeat: every one)")
+    sp.add_argument("--search", help="text in the job's id, note, tags, error or spec")
+    sp.add_argument("--since", help="created at or after (ISO date or time, e.g. 2026-12-01)")
+    sp.add_argument("--until", help="created before (ISO date or time)")
     sp.add_argument("--limit", type=int, default=20)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)
@@ -646,6 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
     from service.cli_models import add_models_parser
 
     add_models_parser(sub, client_parser)  # models upload | register | list | show | delete | export
+
+    from service.cli_platform import add_platform_parsers
+
+    # edit | delete | usage | retention | webhooks (client); cleanup | quota (database)
+    add_platform_parsers(sub, client_parser, common)
 
     sp = sub.add_parser("train-local", help="train on this machine without the service",
                         description="train on this machine without the service (checkpoints every epoch, resumes)")

@@ -71,10 +71,15 @@ class Client:
 
     # ------------------------------------------------------------------ jobs
     def submit(self, kind: str, spec: dict[str, Any], *, priority: int = 0, max_attempts: int | None = None,
-               idempotency_key: str | None = None) -> dict[str, Any]:
+               idempotency_key: str | None = None, tags: list[str] | None = None,
+               note: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"kind": kind, "spec": spec, "priority": priority}
         if max_attempts is not None:
             body["max_attempts"] = max_attempts
+        if tags:
+            body["tags"] = list(tags)
+        if note is not None:
+            body["note"] = note
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._check(self.http.post("/v1/jobs", json=body, headers=headers)).json()
 
@@ -82,8 +87,81 @@ class Client:
         return self._get(f"/v1/jobs/{job_id}")
 
     def jobs(self, *, status: str | None = None, kind: str | None = None, parent_id: str | None = None,
-             limit: int = 50, offset: int = 0) -> dict[str, Any]:
-        return self._get("/v1/jobs", status=status, kind=kind, parent_id=parent_id, limit=limit, offset=offset)
+             limit: int = 50, offset: int = 0, method: str | None = None, dataset: str | None = None,
+             tags: list[str] | None = None, search: str | None = None, since: str | None = None,
+             until: str | None = None) -> dict[str, Any]:
+        """``GET /v1/jobs`` with its filters (``tags``: jobs with every one; ``since`` / ``until``: ISO dates)."""
+        return self._get("/v1/jobs", status=status, kind=kind, parent_id=parent_id, limit=limit, offset=offset,
+                         method=method, dataset=dataset, tag=",".join(tags) if tags else None, q=search,
+                         since=since, until=until)
+
+    def update_job(self, job_id: str, *, tags: list[str] | None = None, add_tags: list[str] | None = None,
+                   remove_tags: list[str] | None = None, note: str | None = None,
+                   clear_note: bool = False) -> dict[str, Any]:
+        """``PATCH /v1/jobs/{id}``: tags and note (``clear_note`` removes the note)."""
+        body: dict[str, Any] = {}
+        if tags is not None:
+            body["tags"] = tags
+        if add_tags:
+            body["add_tags"] = add_tags
+        if remove_tags:
+            body["remove_tags"] = remove_tags
+        if note is not None or clear_note:
+            body["note"] = None if clear_note else note
+        return self._check(self.http.patch(f"/v1/jobs/{job_id}", json=body)).json()
+
+    def delete_job(self, job_id: str, *, cascade: bool = False) -> dict[str, Any]:
+        """``DELETE /v1/jobs/{id}``: the job with its artifacts and checkpoints (409 while it runs)."""
+        return self._check(self.http.delete(f"/v1/jobs/{job_id}", params={"cascade": str(cascade).lower()})).json()
+
+    def usage(self, owner: str | None = None) -> dict[str, Any]:
+        """``GET /v1/usage``: disk use and job counts (an admin may name another ``owner``)."""
+        return self._get("/v1/usage", owner=owner)
+
+    def retention(self) -> dict[str, Any]:
+        return self._get("/v1/retention")
+
+    def set_retention(self, **rules: int | None) -> dict[str, Any]:
+        """``PUT /v1/retention`` with ``keep_days`` / ``keep_last`` (None removes a rule)."""
+        return self._check(self.http.put("/v1/retention", json=rules)).json()
+
+    def apply_retention(self, *, dry_run: bool = True) -> dict[str, Any]:
+        return self._check(self.http.post("/v1/retention/apply",
+                                          params={"dry_run": str(dry_run).lower()})).json()
+
+    def quotas(self, owner: str | None = None) -> dict[str, Any]:
+        return self._get("/v1/quotas", owner=owner)
+
+    def set_quota(self, owner: str, **limits: float | None) -> dict[str, Any]:
+        """``PUT /v1/quotas/{owner}`` (admin tokens; ``*``: the defaults)."""
+        return self._check(self.http.put(f"/v1/quotas/{owner}", json=limits)).json()
+
+    # ------------------------------------------------------------------ webhooks (docs/webhooks.md)
+    def create_webhook(self, url: str, events: list[str], *, thresholds: list[dict[str, Any]] | None = None,
+                       description: str | None = None) -> dict[str, Any]:
+        """``POST /v1/webhooks``: the answer holds the signing ``secret``, shown this once."""
+        body: dict[str, Any] = {"url": url, "events": events, "thresholds": thresholds or []}
+        if description is not None:
+            body["description"] = description
+        return self._check(self.http.post("/v1/webhooks", json=body)).json()
+
+    def webhooks(self) -> dict[str, Any]:
+        return self._get("/v1/webhooks")
+
+    def webhook(self, webhook_id: str) -> dict[str, Any]:
+        return self._get(f"/v1/webhooks/{webhook_id}")
+
+    def update_webhook(self, webhook_id: str, **changes: Any) -> dict[str, Any]:
+        return self._check(self.http.patch(f"/v1/webhooks/{webhook_id}", json=changes)).json()
+
+    def delete_webhook(self, webhook_id: str) -> dict[str, Any]:
+        return self._check(self.http.delete(f"/v1/webhooks/{webhook_id}")).json()
+
+    def webhook_deliveries(self, webhook_id: str, *, status: str | None = None, limit: int = 50) -> dict[str, Any]:
+        return self._get(f"/v1/webhooks/{webhook_id}/deliveries", status=status, limit=limit)
+
+    def ping_webhook(self, webhook_id: str) -> dict[str, Any]:
+        return self._check(self.http.post(f"/v1/webhooks/{webhook_id}/ping")).json()
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._check(self.http.post(f"/v1/jobs/{job_id}/cancel")).json()

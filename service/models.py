@@ -76,6 +76,13 @@ class Job(Base):
     owner: Mapped[str | None] = mapped_column(Text)  # migration 0002: the submitting token's owner
     deadline_seconds: Mapped[float | None] = mapped_column(Double)  # migration 0003: per-job deadline
     infra_failures: Mapped[int] = mapped_column(Integer, server_default="0")  # migration 0004
+    # migration 0007: organisation, fair sharing and preemption
+    tags: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default="{}")
+    note: Mapped[str | None] = mapped_column(Text)
+    gpus: Mapped[float] = mapped_column(Double, server_default="0")
+    preempt_requested: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    preempted_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    preemptions: Mapped[int] = mapped_column(Integer, server_default="0")
 
     __table_args__ = (
         CheckConstraint(f"status IN {JOB_STATUSES!r}", name="ck_jobs_status"),
@@ -111,6 +118,11 @@ class Job(Base):
         Index("ix_jobs_status_kind", "status", "kind"),
         Index("ix_jobs_parent_id", "parent_id", postgresql_where=text("parent_id IS NOT NULL")),
         Index("ix_jobs_owner_seq", "owner", "seq"),
+        CheckConstraint("cardinality(tags) <= 16", name="ck_jobs_tags"),
+        CheckConstraint("char_length(note) <= 4000", name="ck_jobs_note"),
+        CheckConstraint("gpus >= 0", name="ck_jobs_gpus"),
+        Index("ix_jobs_tags", "tags", postgresql_using="gin"),
+        Index("ix_jobs_owner_created", "owner", "created_at"),
     )
 
 
@@ -203,3 +215,56 @@ class RegisteredModel(Base):
         Index("ix_models_owner_created", "owner", "created_at"),
         Index("ix_models_source_job", "source_job_id", postgresql_where=text("source_job_id IS NOT NULL")),
     )
+
+
+class OwnerPolicy(Base):
+    """Retention rules and quotas of one owner (migration 0007). ``owner_key``: the owner, ``''`` for jobs
+    without one (authentication off), ``'*'`` for the defaults of every owner without a value of its own."""
+
+    __tablename__ = "owner_policies"
+
+    owner_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    keep_days: Mapped[int | None] = mapped_column(Integer)
+    keep_last: Mapped[int | None] = mapped_column(Integer)
+    max_running: Mapped[int | None] = mapped_column(Integer)
+    max_gpus: Mapped[float | None] = mapped_column(Double)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Webhook(Base):
+    """A webhook subscription of one owner (migration 0007; :mod:`service.webhooks`)."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    owner: Mapped[str | None] = mapped_column(Text)
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default="{}")
+    thresholds: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    secret: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    active: Mapped[bool] = mapped_column(Boolean, server_default="true")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class WebhookDelivery(Base):
+    """One event for one subscription, with its delivery state (migration 0007)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    webhook_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("webhooks.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(Text)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    dedupe_key: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("clock_timestamp()"))
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("clock_timestamp()"))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

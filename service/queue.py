@@ -27,7 +27,12 @@ from service.models import CLAIMABLE_KINDS, JOB_KINDS, JOB_STATUSES, TERMINAL_ST
 JOB_COLUMNS = """id, seq, kind, status, priority, spec, error, progress, stage, epoch, total_epochs, attempts,
     max_attempts, run_after, lease_owner, lease_expires_at, heartbeat_at, cancel_requested, idempotency_key,
     request_hash, depends_on, parent_id, created_at, updated_at, started_at, finished_at,
-    (result IS NOT NULL) AS has_result, owner, deadline_seconds, infra_failures"""
+    (result IS NOT NULL) AS has_result, owner, deadline_seconds, infra_failures, tags, note, gpus, preempt_requested,
+    preempted_by, preemptions,
+    CASE WHEN status = 'queued' THEN re_waiting_reason(kind, depends_on, run_after, owner, gpus) END
+    AS waiting_reason"""
+
+MAX_CLAIM_ROUNDS = 20  # owners skipped at their quota within one claim before it gives up for now
 
 # Exponential backoff, in SQL: base * 2^(n-1) seconds, capped; n counts the failures of one class.
 def _backoff(n: str) -> str:
@@ -43,9 +48,9 @@ FENCE = "id = :id AND lease_owner = :owner AND attempts = :attempt AND status IN
 
 SQL_SUBMIT = f"""
 INSERT INTO jobs (id, kind, status, spec, priority, max_attempts, idempotency_key, request_hash, depends_on,
-                  parent_id, owner, deadline_seconds)
+                  parent_id, owner, deadline_seconds, tags, note, gpus)
 VALUES (:id, :kind, :status, CAST(:spec AS jsonb), :priority, :max_attempts, :key, :hash, CAST(:deps AS uuid[]),
-        :parent, :owner, :deadline)
+        :parent, :owner, :deadline, CAST(:tags AS text[]), :note, :gpus)
 ON CONFLICT (COALESCE(owner, ''), idempotency_key) WHERE idempotency_key IS NOT NULL AND kind <> 'trial'
 DO NOTHING
 RETURNING {JOB_COLUMNS}"""
@@ -57,18 +62,27 @@ UPDATE jobs SET cancel_requested = true,
 WHERE id = :id AND status IN ('queued', 'running')
 RETURNING {JOB_COLUMNS}"""
 
-SQL_CLAIM = """
-WITH next AS (
-    SELECT j.id FROM jobs j
-    WHERE j.status = 'queued' AND j.kind <> 'trial' AND j.kind = ANY(:kinds) AND j.run_after <= now()
-      AND NOT EXISTS (SELECT 1 FROM jobs d WHERE d.id = ANY(j.depends_on) AND d.status <> 'succeeded')
-    ORDER BY j.priority DESC, j.seq
-    LIMIT 1
-    FOR UPDATE OF j SKIP LOCKED
-)
+# The claim, in one transaction: the next candidate (queued, due, every dependency succeeded, its owner within
+# its quota; FOR UPDATE SKIP LOCKED), then the owner's quota re-checked under a per-owner advisory lock (two
+# claimers of one owner's jobs cannot both pass a count neither has committed yet), then the transition.
+SQL_CLAIM_CANDIDATE = """
+SELECT j.id, j.owner, j.gpus FROM jobs j
+WHERE j.status = 'queued' AND j.kind <> 'trial' AND j.kind = ANY(:kinds) AND j.run_after <= now()
+  AND NOT EXISTS (SELECT 1 FROM jobs d WHERE d.id = ANY(j.depends_on) AND d.status <> 'succeeded')
+  AND NOT (COALESCE(j.owner, '') = ANY(:skip))
+  AND re_quota_block(j.owner, j.gpus) IS NULL
+ORDER BY j.priority DESC, j.seq
+LIMIT 1
+FOR UPDATE OF j SKIP LOCKED"""
+
+SQL_QUOTA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('re_quota:' || COALESCE(CAST(:owner AS text), '')))"
+SQL_QUOTA_BLOCK = "SELECT re_quota_block(CAST(:owner AS text), CAST(:gpus AS float8))"
+
+SQL_CLAIM_TAKE = """
 UPDATE jobs SET status = 'running', attempts = jobs.attempts + 1, lease_owner = :owner,
-       lease_expires_at = now() + make_interval(secs => :lease), heartbeat_at = now(), progress = 0
-FROM next WHERE jobs.id = next.id
+       lease_expires_at = now() + make_interval(secs => :lease), heartbeat_at = now(), progress = 0,
+       preempt_requested = false, preempted_by = NULL
+WHERE jobs.id = :id
 RETURNING jobs.id, jobs.kind, jobs.spec, jobs.attempts, jobs.max_attempts, jobs.depends_on,
     CASE WHEN jobs.deadline_seconds IS NOT NULL  -- (GREATEST would turn NULL, no deadline, into 0)
          THEN GREATEST(jobs.deadline_seconds - EXTRACT(EPOCH FROM now() - jobs.started_at)::float8, 0) END
@@ -77,7 +91,43 @@ RETURNING jobs.id, jobs.kind, jobs.spec, jobs.attempts, jobs.max_attempts, jobs.
 SQL_HEARTBEAT = f"""
 UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :lease), heartbeat_at = now()
 WHERE {FENCE}
-RETURNING cancel_requested"""
+RETURNING cancel_requested, preempt_requested"""
+
+# A preempted run goes back to the queue at once, its attempt not counted (like a release); the events
+# trigger records it as 'preempted' (preemptions + 1). A cancel requested meanwhile wins.
+SQL_PREEMPTED = f"""
+UPDATE jobs SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
+       attempts = CASE WHEN cancel_requested THEN attempts ELSE attempts - 1 END,
+       preemptions = CASE WHEN cancel_requested THEN preemptions ELSE preemptions + 1 END,
+       preempt_requested = false, error = :reason, lease_expires_at = NULL, run_after = now()
+WHERE {FENCE}
+RETURNING status"""
+
+# Priority preemption: the first claimable queued job (by priority) that has waited :after seconds, and a
+# running train job of lower priority (the lowest, the most recently started first) asked to stop at its
+# next epoch checkpoint. One request at a time: none while another preemption is pending.
+SQL_REQUEST_PREEMPTION = """
+WITH waiting AS (
+    SELECT j.id, j.priority FROM jobs j
+    WHERE j.status = 'queued' AND j.kind <> 'trial' AND j.kind = ANY(:kinds)
+      AND GREATEST(j.run_after, j.created_at) <= now() - make_interval(secs => :after)
+      AND NOT EXISTS (SELECT 1 FROM jobs d WHERE d.id = ANY(j.depends_on) AND d.status <> 'succeeded')
+      AND re_quota_block(j.owner, j.gpus) IS NULL
+    ORDER BY j.priority DESC, j.seq
+    LIMIT 1
+), victim AS (
+    SELECT r.id FROM jobs r, waiting w
+    WHERE r.status = 'running' AND r.kind = 'train' AND r.priority < w.priority AND NOT r.preempt_requested
+      AND NOT r.cancel_requested
+      AND NOT EXISTS (SELECT 1 FROM jobs p WHERE p.status = 'running' AND p.preempt_requested)
+    ORDER BY r.priority, r.started_at DESC
+    LIMIT 1
+    FOR UPDATE OF r SKIP LOCKED
+)
+UPDATE jobs SET preempt_requested = true, preempted_by = w.id
+FROM victim v, waiting w
+WHERE jobs.id = v.id
+RETURNING jobs.id, w.id AS waiting_id"""
 
 SQL_PROGRESS = f"""
 UPDATE jobs SET progress = :p, stage = COALESCE(:stage, stage), epoch = COALESCE(:epoch, epoch),
@@ -172,6 +222,18 @@ class IdempotencyConflict(Exception):
         self.job_id = job_id
 
 
+MAX_JOB_TAGS = 16  # the check constraint of migration 0007
+
+
+class TooManyTags(ValueError):
+    """A job would hold more than :data:`MAX_JOB_TAGS` tags."""
+
+
+def like_escape(value: str) -> str:
+    """``value`` as a literal inside an ``ILIKE ... ESCAPE '\\'`` pattern."""
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 class InvalidTransition(Exception):
     """The job is not in a state that allows the operation (e.g. cancelling a succeeded job)."""
 
@@ -194,13 +256,18 @@ class Lease:
 class Heartbeat:
     ok: bool  # False: the lease is lost (expired and re-queued, or the job was finished by someone else)
     cancel_requested: bool
+    preempt_requested: bool = False  # a job of higher priority waits: stop at the next epoch checkpoint
 
 
 def request_hash(kind: str, spec: Mapping[str, Any], priority: int, max_attempts: int | None,
-                 deadline_seconds: float | None = None) -> str:
+                 deadline_seconds: float | None = None, tags: Sequence[str] = (), note: str | None = None) -> str:
     body: dict[str, Any] = {"kind": kind, "spec": spec, "priority": priority, "max_attempts": max_attempts}
     if deadline_seconds is not None:  # (absent when unset: hashes of earlier requests stay valid)
         body["deadline_seconds"] = deadline_seconds
+    if tags:
+        body["tags"] = list(tags)
+    if note is not None:
+        body["note"] = note
     payload = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -265,22 +332,26 @@ class Queue:
                idempotency_key: str | None = None, depends_on: Iterable[uuid.UUID] = (),
                parent_id: uuid.UUID | None = None, job_id: uuid.UUID | None = None,
                status: str = "queued", owner: str | None = None,
-               deadline_seconds: float | None = None) -> tuple[dict[str, Any], bool]:
+               deadline_seconds: float | None = None, tags: Sequence[str] = (), note: str | None = None,
+               gpus: float = 0.0) -> tuple[dict[str, Any], bool]:
         """Insert a job; returns ``(job, created)``. A replayed ``idempotency_key`` returns the first job
         (:class:`IdempotencyConflict` when the replay's request differs); keys are scoped to the ``owner``
         (migration 0005: another owner's key is another key). ``owner``: the submitting
         token's owner (None with authentication off; a child job inherits its parent's).
         ``deadline_seconds``: the job fails, not retried, when it has not finished that long after its
-        first start (the worker enforces it)."""
+        first start (the worker enforces it). ``tags`` and ``note``: the owner's organisation of its jobs;
+        ``gpus``: the GPUs the job reserves while it runs (counted against its owner's ``max_gpus``)."""
         if kind not in JOB_KINDS:
             raise ValueError(f"unknown job kind {kind!r}")
         if status not in JOB_STATUSES:
             raise ValueError(f"unknown job status {status!r}")
-        rhash = request_hash(kind, spec, priority, max_attempts, deadline_seconds) if idempotency_key else None
+        rhash = (request_hash(kind, spec, priority, max_attempts, deadline_seconds, tags, note)
+                 if idempotency_key else None)
         params = {"id": job_id or uuid.uuid4(), "kind": kind, "status": status, "spec": to_json(dict(spec)),
                   "priority": priority, "max_attempts": max_attempts or self.default_max_attempts,
                   "key": idempotency_key, "hash": rhash, "deps": list(dict.fromkeys(depends_on)),
-                  "parent": parent_id, "owner": owner, "deadline": deadline_seconds}
+                  "parent": parent_id, "owner": owner, "deadline": deadline_seconds, "tags": list(tags),
+                  "note": note, "gpus": float(gpus)}
         with self.engine.begin() as c:
             row = c.execute(text(SQL_SUBMIT), params).first()
             if row is not None:
@@ -308,9 +379,15 @@ class Queue:
 
     def list(self, *, status: Sequence[str] = (), kind: Sequence[str] = (), parent_id: uuid.UUID | None = None,
              limit: int = 50, offset: int = 0, include_result: bool = False,
-             owner: str | None = None) -> tuple[list[dict[str, Any]], int]:
+             owner: str | None = None, method: Sequence[str] = (), dataset: Sequence[str] = (),
+             tags: Sequence[str] = (), search: str | None = None, since: datetime | None = None,
+             until: datetime | None = None) -> tuple[list[dict[str, Any]], int]:
         """Newest first. Without ``parent_id``, trials are left out unless ``kind`` asks for them.
-        With ``owner``, only that owner's jobs (tenancy; None = every job)."""
+        With ``owner``, only that owner's jobs (tenancy; None = every job).
+
+        Filters: ``method`` / ``dataset`` (a train job's, or a tune job's base spec's; any of them), ``tags``
+        (the job has every one), ``search`` (case-insensitive substring of the job's id, note, tags, error, owner,
+        idempotency key or spec), ``since`` / ``until`` (created at or after / before)."""
         where: list[str] = []
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if owner is not None:
@@ -322,6 +399,29 @@ class Queue:
         if kind:
             where.append("kind = ANY(:kind)")
             params["kind"] = list(kind)
+        if method:
+            where.append("COALESCE(spec->>'method', spec->'base'->>'method') = ANY(:method)")
+            params["method"] = list(method)
+        if dataset:
+            where.append("COALESCE(spec->>'dataset', spec->'base'->>'dataset') = ANY(:dataset)")
+            params["dataset"] = list(dataset)
+        if tags:
+            where.append("tags @> CAST(:tags AS text[])")
+            params["tags"] = list(tags)
+        if search:
+            where.append("(id::text ILIKE :search ESCAPE '\\' OR COALESCE(note, '') ILIKE :search ESCAPE '\\' "
+                         "OR array_to_string(tags, ' ') ILIKE :search ESCAPE '\\' "
+                         "OR COALESCE(error, '') ILIKE :search ESCAPE '\\' "
+                         "OR COALESCE(owner, '') ILIKE :search ESCAPE '\\' "
+                         "OR COALESCE(idempotency_key, '') ILIKE :search ESCAPE '\\' "
+                         "OR spec::text ILIKE :search ESCAPE '\\')")
+            params["search"] = "%" + like_escape(search) + "%"
+        if since is not None:
+            where.append("created_at >= :since")
+            params["since"] = since
+        if until is not None:
+            where.append("created_at < :until")
+            params["until"] = until
         if parent_id is not None:
             where.append("parent_id = :parent")
             params["parent"] = parent_id
@@ -334,6 +434,27 @@ class Queue:
             rows = c.execute(text(f"SELECT {cols} FROM jobs {cond} ORDER BY seq DESC LIMIT :limit OFFSET :offset"),
                              params).all()
         return [_row(r) for r in rows], int(total)
+
+    def update_meta(self, job_id: uuid.UUID, *, tags: Sequence[str] | None = None, add_tags: Sequence[str] = (),
+                    remove_tags: Sequence[str] = (), note: str | None = None, set_note: bool = False
+                    ) -> dict[str, Any]:
+        """Change a job's tags and note (any status): ``tags`` replaces them, then ``add_tags`` are added (in
+        order, once) and ``remove_tags`` removed; ``set_note`` writes ``note`` (None clears it).
+        :class:`TooManyTags` when the result would hold more than :data:`MAX_JOB_TAGS`."""
+        with self.engine.begin() as c:
+            row = c.execute(text("SELECT tags FROM jobs WHERE id = :id FOR UPDATE"), {"id": job_id}).first()
+            if row is None:
+                raise JobNotFound(str(job_id))
+            current = list(row.tags) if tags is None else list(tags)
+            current = [t for t in dict.fromkeys([*current, *add_tags]) if t not in set(remove_tags)]
+            if len(current) > MAX_JOB_TAGS:
+                raise TooManyTags(f"at most {MAX_JOB_TAGS} tags; the job would have {len(current)}")
+            sets, params = ["tags = CAST(:tags AS text[])"], {"id": job_id, "tags": current}
+            if set_note:
+                sets.append("note = :note")
+                params["note"] = note
+            c.execute(text(f"UPDATE jobs SET {', '.join(sets)} WHERE id = :id"), params)
+            return _row(c.execute(text(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id"), {"id": job_id}).one())
 
     def events(self, job_id: uuid.UUID) -> list[dict[str, Any]]:
         with self.engine.connect() as c:
@@ -361,16 +482,45 @@ class Queue:
     # ------------------------------------------------------------------ worker side
     def claim(self, owner: str, kinds: Sequence[str] = CLAIMABLE_KINDS) -> Lease | None:
         """Take the next runnable job (queued, due, every dependency succeeded), or None."""
-        row = self._one(SQL_CLAIM, {"owner": owner, "kinds": list(kinds), "lease": self.lease_seconds})
-        if row is None:
-            return None
+        skip: list[str] = []  # owners found at their quota under the lock in this claim
+        with self.engine.begin() as c:
+            for _ in range(MAX_CLAIM_ROUNDS):
+                cand = c.execute(text(SQL_CLAIM_CANDIDATE), {"kinds": list(kinds), "skip": skip}).first()
+                if cand is None:
+                    return None
+                c.execute(text(SQL_QUOTA_LOCK), {"owner": cand.owner})
+                if c.execute(text(SQL_QUOTA_BLOCK), {"owner": cand.owner, "gpus": cand.gpus}).scalar() is not None:
+                    skip.append(cand.owner or "")  # another claimer started one of its jobs meanwhile
+                    continue
+                row = c.execute(text(SQL_CLAIM_TAKE), {"id": cand.id, "owner": owner,
+                                                       "lease": self.lease_seconds}).one()
+                break
+            else:
+                return None
         left = None if row.deadline_left is None else float(row.deadline_left)
         return Lease(row.id, owner, row.attempts, row.kind, row.spec, row.max_attempts, tuple(row.depends_on), left)
 
     def heartbeat(self, lease: Lease) -> Heartbeat:
         """Extend the lease; says whether a cancel was requested, or that the lease was lost."""
         row = self._one(SQL_HEARTBEAT, self._fence(lease) | {"lease": self.lease_seconds})
-        return Heartbeat(False, False) if row is None else Heartbeat(True, bool(row.cancel_requested))
+        if row is None:
+            return Heartbeat(False, False)
+        return Heartbeat(True, bool(row.cancel_requested), bool(row.preempt_requested))
+
+    def preempted(self, lease: Lease, reason: str) -> str | None:
+        """The run stopped at an epoch checkpoint for a job of higher priority: back to ``queued`` at once,
+        the attempt not counted (``cancelled`` if a cancel was requested meanwhile). Recorded in ``job_events``
+        as ``preempted``. Returns the new status (None: the lease was lost)."""
+        row = self._one(SQL_PREEMPTED, self._fence(lease) | {"reason": reason})
+        return None if row is None else str(row.status)
+
+    def request_preemption(self, after_seconds: float, kinds: Sequence[str] = CLAIMABLE_KINDS
+                           ) -> tuple[uuid.UUID, uuid.UUID] | None:
+        """If a claimable job has waited ``after_seconds`` while a train job of lower priority runs, ask that
+        run to stop at its next epoch checkpoint (``preempt_requested``; recorded in ``job_events``).
+        Returns ``(preempted job, waiting job)``, or None."""
+        row = self._one(SQL_REQUEST_PREEMPTION, {"after": float(after_seconds), "kinds": list(kinds)})
+        return None if row is None else (row.id, row.waiting_id)
 
     def set_progress(self, lease: Lease, progress: float, *, stage: str | None = None, epoch: int | None = None,
                      total_epochs: int | None = None) -> bool:
@@ -504,5 +654,5 @@ class Queue:
         return len(rows)
 
 
-__all__ = ["RESERVED_KEY_PREFIX", "Heartbeat", "IdempotencyConflict", "InvalidTransition", "JobNotFound", "Lease",
-           "Queue", "request_hash", "to_json", "trial_status"]
+__all__ = ["MAX_JOB_TAGS", "RESERVED_KEY_PREFIX", "Heartbeat", "IdempotencyConflict", "InvalidTransition",
+           "JobNotFound", "Lease", "Queue", "TooManyTags", "like_escape", "request_hash", "to_json", "trial_status"]

@@ -6,7 +6,30 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_NOTE_CHARS = 4000  # a job's free-text note (the check constraint of migration 0007)
+MAX_TAGS = 16
+TAG_HELP = "1-40 letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
+
+
+def check_tags(tags: list[str] | None) -> list[str] | None:
+    """Tags as stored: each valid (:data:`TAG_HELP`), duplicates dropped (first kept); ValueError otherwise."""
+    if tags is None:
+        return None
+    from service.model_registry import TAG_RE
+
+    for t in tags:
+        if not isinstance(t, str) or not TAG_RE.match(t):
+            raise ValueError(f"tag {str(t)[:50]!r}: a tag is {TAG_HELP}")
+    return list(dict.fromkeys(tags))
+
+
+def check_note(note: str | None) -> str | None:
+    """A note PostgreSQL can store (no NUL character)."""
+    if note is not None and "\x00" in note:
+        raise ValueError("NUL characters are not allowed")
+    return note
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
 JobKind = Literal["train", "evaluate", "tune", "trial"]
@@ -56,6 +79,42 @@ class JobCreate(BaseModel):
         description="the job fails (not retried) when it has not finished this many seconds after its first "
         "start; retries and their waits count (default: no deadline)",
     )
+    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS,
+                            description=f"labels to find the job by (GET /v1/jobs?tag=...): at most {MAX_TAGS}, "
+                            f"each {TAG_HELP}; the tag 'keep' exempts the job from retention")
+    note: str | None = Field(None, max_length=MAX_NOTE_CHARS, description="free text (at most 4,000 characters)")
+
+    @field_validator("tags")
+    @classmethod
+    def _valid_tags(cls, v: list[str]) -> list[str] | None:
+        return check_tags(v)
+
+    @field_validator("note")
+    @classmethod
+    def _valid_note(cls, v: str | None) -> str | None:
+        return check_note(v)
+
+
+class JobUpdate(BaseModel):
+    """``PATCH /v1/jobs/{id}``: a job's tags and note (at any status). Fields left out stay as they are."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"add_tags": ["paper-table-3"], "note": "the run with the fixed learning rate"}]})
+
+    tags: list[str] | None = Field(None, max_length=MAX_TAGS, description="replace every tag")
+    add_tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS, description="add these tags")
+    remove_tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS, description="remove these tags")
+    note: str | None = Field(None, max_length=MAX_NOTE_CHARS, description="the note; null clears it")
+
+    @field_validator("tags", "add_tags", "remove_tags")
+    @classmethod
+    def _valid_tags(cls, v: list[str] | None) -> list[str] | None:
+        return check_tags(v)
+
+    @field_validator("note")
+    @classmethod
+    def _valid_note(cls, v: str | None) -> str | None:
+        return check_note(v)
 
 
 class Job(BaseModel):
@@ -90,6 +149,16 @@ class Job(BaseModel):
     result: dict[str, Any] | None = Field(None, description="only in trial listings")
     owner: str | None = Field(None, description="owner of the API token that submitted the job (none with auth off)")
     deadline_seconds: float | None = Field(None, description="seconds from its first start the job may take")
+    tags: list[str] = Field(default_factory=list)
+    note: str | None = None
+    gpus: float = Field(0.0, description="GPUs the job reserves while it runs (counted against its owner's quota)")
+    waiting_reason: str | None = Field(
+        None, description="queued jobs: why it has not started (a dependency, a retry backoff, its owner's quota, "
+        "or waiting for a free worker)")
+    preempt_requested: bool = Field(False, description="a job of higher priority waits: the run stops at its next "
+                                    "epoch checkpoint and is re-queued")
+    preempted_by: uuid.UUID | None = None
+    preemptions: int = Field(0, description="times the job was preempted (re-queued at an epoch checkpoint)")
 
 
 class JobList(BaseModel):

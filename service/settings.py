@@ -77,6 +77,22 @@ class Settings:
     # = no check (this dataclass's default, for library use and tests). load_settings gives the loopback
     # names plus RE_ALLOWED_HOSTS (comma-separated); `up` adds the address it listens on.
     allowed_hosts: tuple[str, ...] | None = None
+    # Housekeeping (service.housekeeping): the worker's background thread that sends webhooks, applies the
+    # owners' retention rules, removes orphaned job folders and asks for priority preemptions. Off in this
+    # dataclass (library use, tests); load_settings turns it on unless RE_HOUSEKEEPING=0.
+    housekeeping: bool = False
+    retention_sweep_seconds: float = 3600.0  # how often retention and the orphan sweep run (RE_RETENTION_SWEEP_SECONDS)
+    orphan_grace_seconds: float = 3600.0  # a job folder without a job is removed once unchanged this long
+    # Priority preemption: a claimable job that has waited this long preempts a running train job of lower
+    # priority at its next epoch checkpoint (None: never; RE_PREEMPT_AFTER_SECONDS).
+    preempt_after_seconds: float | None = None
+    # Webhooks (service.webhooks): delivery to loopback and private addresses only with this on
+    # (RE_WEBHOOK_ALLOW_PRIVATE=1); link-local and cloud metadata addresses are refused always.
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = 10.0
+    webhook_max_attempts: int = 8  # then the delivery is 'failed' (its log says why)
+    webhook_backoff_seconds: float = 10.0  # the first retry's delay; doubles per attempt
+    webhook_backoff_max_seconds: float = 3600.0
 
     @property
     def artifacts_root(self) -> Path:
@@ -126,4 +142,14 @@ def load_settings(
         max_body_bytes=int(_env_float("RE_MAX_BODY_BYTES", 1024 * 1024)),
         max_model_bytes=int(_env_float("RE_MAX_MODEL_BYTES", 256 * 1024 * 1024)),
         allowed_hosts=(*LOCAL_HOSTS, *_env_list("RE_ALLOWED_HOSTS")),
+        housekeeping=_env_bool("RE_HOUSEKEEPING", True),
+        retention_sweep_seconds=_env_float("RE_RETENTION_SWEEP_SECONDS", 3600.0),
+        orphan_grace_seconds=_env_float("RE_ORPHAN_GRACE_SECONDS", 3600.0),
+        preempt_after_seconds=(_env_float("RE_PREEMPT_AFTER_SECONDS", 0.0)
+                               if os.environ.get("RE_PREEMPT_AFTER_SECONDS", "").strip() else None),
+        webhook_allow_private=_env_bool("RE_WEBHOOK_ALLOW_PRIVATE", False),
+        webhook_timeout_seconds=_env_float("RE_WEBHOOK_TIMEOUT_SECONDS", 10.0),
+        webhook_max_attempts=int(_env_float("RE_WEBHOOK_MAX_ATTEMPTS", 8)),
+        webhook_backoff_seconds=_env_float("RE_WEBHOOK_BACKOFF_SECONDS", 10.0),
+        webhook_backoff_max_seconds=_env_float("RE_WEBHOOK_BACKOFF_MAX_SECONDS", 3600.0),
     )
