@@ -48,6 +48,7 @@ from service.routes_models import MODELS_PATH, register_model_routes
 from service.routes_platform import register_platform_routes
 from service.routes_tune import register_tune_routes
 from service.routes_ui import router as ui_router
+from service.routes_webhooks import register_webhook_routes
 from service.security import HostCheck, SecurityHeaders, swagger_ui_html
 from service.settings import Settings
 from service.submission import (
@@ -58,6 +59,7 @@ from service.submission import (
     resolve_references,
     validate_spec,
 )
+from service.webhooks import WebhookStore
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +243,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
     app.state.model_store = model_store
     register_model_routes(app, queue, model_store)  # /v1/models: the model registry (docs/models.md)
     register_platform_routes(app, queue, settings)  # PATCH / DELETE a job, usage, retention, quotas
+    register_webhook_routes(app, settings, WebhookStore(engine))  # /v1/webhooks (docs/webhooks.md)
     app.include_router(leaderboard_router)  # GET /v1/leaderboard (a JSON document, no torch)
     app.include_router(ui_router)  # the dashboard at /ui/ (static files; its JS calls /v1)
 

@@ -39,7 +39,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ensemble_core.spec import TrainSpec
-from workers.errors import InfrastructureError, JobCancelled, UserError
+from workers.errors import InfrastructureError, JobCancelled, JobPreempted, UserError
 from workers.ray_common import (
     DriveState,
     JobChannel,
@@ -198,6 +198,7 @@ def run_train_job(
     should_stop: Callable[[], bool],
     log: Callable[[str], None],
     max_failures: int = DEFAULT_MAX_FAILURES,
+    should_preempt: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Train the ensemble of ``spec`` with Ray Train; write ``ensemble.pt`` and ``results.json``.
 
@@ -206,6 +207,11 @@ def run_train_job(
     ``should_stop()`` is polled about once a second; when it turns true the run stops within seconds
     and :class:`JobCancelled` is raised. Calling again with the same ``job_id`` and ``storage_path``
     resumes from the last finished epoch. Returns ``{"metrics": ..., "results": ...}``.
+
+    ``should_preempt()`` (priority preemption) is asked after each epoch the caller receives, which is an epoch
+    already checkpointed: when true, the run stops (the workers stop a few steps into the next epoch) and
+    :class:`JobPreempted` is raised; the next call resumes from that checkpoint. A run that finished meanwhile
+    returns as usual.
     """
     ts = validate_train_spec(spec)
     if should_stop():
@@ -228,9 +234,14 @@ def run_train_job(
         ),
     )
 
+    preempt: dict[str, Any] = {"at": None}
+
     def handle(kind: str, payload: Any, state: DriveState) -> None:
         if kind == "epoch":
             on_epoch(payload)
+            if preempt["at"] is None and should_preempt is not None and should_preempt():
+                preempt["at"] = payload.get("global_epoch") or payload.get("epoch")
+                state.stop_reason = state.stop_reason or "preempt"  # forwarded by drive() as the stop's reason
         elif kind == "log":
             log(payload)
         elif kind == "user_error":
@@ -241,7 +252,7 @@ def run_train_job(
     try:
         result, error, dstate = drive(
             trainer.fit, drain=lambda: ray.get(channel.drain.remote(), timeout=30), handle=handle,
-            should_stop=should_stop,
+            should_stop=lambda: preempt["at"] is not None or should_stop(),
             request_stop=lambda r: ray.get(channel.request_stop.remote(r), timeout=30),
             force_stop=lambda: _kill_workers(channel), log=log, grace_s=STOP_GRACE_S)
     finally:
@@ -258,6 +269,10 @@ def run_train_job(
         raise UserError(dstate.user_error)
     if dstate.stop_reason == "cancel":
         raise JobCancelled(f"cancelled after {time.monotonic() - t0:.1f} s")
+    finished = error is None and result is not None and result.checkpoint is not None and \
+        bool((result.metrics or {}).get("final"))
+    if dstate.stop_reason == "preempt" and not finished:
+        raise JobPreempted(f"stopped after the checkpoint of epoch {preempt['at']}")
     if error is not None:
         if isinstance(error, ray.train.ControllerError | ray.exceptions.RayError) or \
                 _worker_failure_is_infrastructure(error):

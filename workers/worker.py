@@ -46,7 +46,7 @@ from service.db import libpq_url, make_engine
 from service.models import CLAIMABLE_KINDS
 from service.queue import Lease, Queue
 from service.settings import Settings
-from workers.errors import InfrastructureError, JobCancelled, UserError
+from workers.errors import InfrastructureError, JobCancelled, JobPreempted, UserError
 from workers.tfevents import TENSORBOARD_DIR, EventFileWriter
 
 log = logging.getLogger("robust_ensembles.worker")
@@ -70,6 +70,7 @@ class JobRun:
     settings: Settings
     worker_stopping: threading.Event
     cancel_requested: bool = False
+    preempt_requested: bool = False  # a job of higher priority waits: stop at the next epoch checkpoint
     lease_lost: bool = False
     deadline_at: float | None = None  # time.monotonic() value of the job's deadline (None: no deadline)
     _last_progress: float = field(default=0.0, repr=False)
@@ -153,7 +154,7 @@ def run_train(run: JobRun) -> dict[str, Any]:
 
     out = run_train_job(dict(run.lease.spec), job_id=run.job_id, storage_path=str(run.settings.ray_storage_path),
                         artifacts_dir=str(run.artifacts_dir), on_epoch=run.on_epoch, should_stop=run.should_stop,
-                        log=run.log)
+                        log=run.log, should_preempt=lambda: run.preempt_requested)
     return {**out, "checkpoint": "ensemble.pt"}
 
 
@@ -232,6 +233,7 @@ class Worker:
         self._listen_conn: Any = None
         self._last_sweep = 0.0
         self.jobs_run = 0
+        self.housekeeper: Any = None  # service.housekeeping.Housekeeper while run() runs (Settings.housekeeping)
 
     # -------------------------------------------------------------- control
     def stop(self) -> None:
@@ -245,6 +247,11 @@ class Worker:
     def run(self, *, max_jobs: int | None = None) -> None:
         """The main loop (blocking). Ends after ``stop()`` or after ``max_jobs`` jobs."""
         log.info("worker %s started (kinds: %s)", self.worker_id, ", ".join(self.kinds))
+        if self.settings.housekeeping and self.housekeeper is None:
+            from service.housekeeping import Housekeeper
+
+            self.housekeeper = Housekeeper(self.engine, self.settings, self.queue, self.kinds)
+            self.housekeeper.start()
         try:
             while not self.stopping:
                 if max_jobs is not None and self.jobs_run >= max_jobs:
@@ -260,6 +267,9 @@ class Worker:
                     self.wait_for_work(self.settings.poll_seconds)
         finally:
             self._close_listen()
+            if self.housekeeper is not None:
+                self.housekeeper.stop()
+                self.housekeeper = None
             log.info("worker %s stopped after %d job(s)", self.worker_id, self.jobs_run)
 
     def run_once(self) -> bool:
@@ -356,6 +366,9 @@ class Worker:
             elif hb.cancel_requested and not run.cancel_requested:
                 run.cancel_requested = True
                 run.log("cancel requested: stopping")
+            elif hb.preempt_requested and not run.preempt_requested:
+                run.preempt_requested = True
+                run.log("preemption requested by a job of higher priority: stopping at the next epoch checkpoint")
 
     def _run_and_finish(self, run: JobRun) -> str:
         lease = run.lease
@@ -367,6 +380,15 @@ class Worker:
                 return self._stopped(run, "deadline exceeded before this attempt started")
             run.artifacts_dir.mkdir(parents=True, exist_ok=True)
             result = runner(run)
+        except JobPreempted as e:
+            if run.lease_lost:
+                return "lease_lost"
+            if run.cancel_requested or self.stopping or run.deadline_passed:
+                return self._stopped(run, f"stopped: {e}")
+            reason = f"preempted: {e}"
+            run.log(f"{reason}; back in the queue, it resumes from that checkpoint")
+            status = self._final("preempt", lambda: self.queue.preempted(lease, reason))
+            return "lease_lost" if status is None else ("preempted" if status == "queued" else status)
         except JobCancelled as e:
             return self._stopped(run, f"cancelled: {e}")
         except UserError as e:
