@@ -37,11 +37,13 @@ class LeaderboardRow(BaseModel):
     status: Literal["done", "failed", "not run", "stale"] = Field(
         description="a method that failed, has not run, or was evaluated by an earlier evaluation (stale) is listed, "
                     "never dropped")
-    rank: int | None = Field(None, description="by the mean 'any attack' robust accuracy (done rows only)")
+    rank: int | None = Field(None, description="by any_attack_wb_mean (done rows only)")
     clean_acc: float | None = None
     any_attack: list[LeaderboardCell] = Field(
         [], description="per eps, the per-image worst case over every white-box and transfer attack")
-    any_attack_mean: float | None = Field(None, description="mean of any_attack over its eps (the ranking key)")
+    any_attack_mean: float | None = Field(None, description="mean of any_attack over all its eps")
+    any_attack_wb_mean: float | None = Field(None, description="mean of any_attack over the eps where the white-box "
+                                             "attacks ran (the ranking key)")
     transfer_mean: float | None = Field(None, description="mean robust accuracy over the transfer cells")
     transfer_mean_vs_baseline: float | None = None
     transfer: list[LeaderboardCell] = []

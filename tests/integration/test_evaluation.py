@@ -67,10 +67,15 @@ def test_pgd_falls_to_zero_and_flags_stay_quiet(ckpts: dict[str, Path], tmp_path
     assert r["flags"] == [], [f["message"] for f in r["flags"]]
     assert not any(q["unreliable"] for q in r["records"])
     # the per-example worst case is never above any single attack at the same eps
-    wc = {q["eps"]: q["robust_acc"] for q in r["records"] if q["attack"] == "worst case (Linf, all attacks)"}
+    wc = {q["eps"]: q for q in r["records"] if q["attack"] == "worst case (Linf, all attacks)"}
+    conv = [q for q in r["records"] if q["attack"] == "pgd-40x2 @80 steps (convergence check)"]
+    assert sorted(q["eps"] for q in conv) == sorted(pgd) and all(q["n_examples"] == 100 for q in conv)
     for q in r["records"]:
-        if q["threat"] in ("white-box", "gradient-free") and q["norm"] == "Linf":
-            assert wc[q["eps"]] <= q["robust_acc"] + 1e-12
+        if q["threat"] in ("white-box", "gradient-free") and q["norm"] == "Linf" and q not in conv:
+            assert q["n_examples"] == wc[q["eps"]]["n_examples"] == 200
+            assert wc[q["eps"]]["robust_acc"] <= q["robust_acc"] + 1e-12
+    # (the convergence check's rows cover checks.n_examples = 100 images: they are compared per image inside the
+    # runner, tests/unit/test_eval_runner.py checks that its breaks enter the worst case)
     # transfer is weaker than white-box here, the member matrix has its weakest cells on the diagonal
     tr = {(q["attack"], q["eps"]): q["robust_acc"] for q in r["records"] if q["threat"] == "transfer"}
     assert tr[("pgd-10 (ce+cw)", 0.2)] > pgd[0.2]["robust_acc"]

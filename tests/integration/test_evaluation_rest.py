@@ -78,9 +78,13 @@ def test_evaluate_job_compares_a_method_with_the_baseline(stack: Client) -> None
     assert out["models"]["target"]["method"] == "pdd" and out["models"]["baseline"]["method"] == "baseline"
     tables = {t["name"]: t for t in out["tables"]}
     wb = tables["white_box_Linf"]
-    assert wb["columns"] == ["attack", "model", "eps 0.1", "eps 0.2", "eps 0.3"]
-    assert {(row[0], row[1]) for row in wb["rows"]} >= {("pgd-20x2", "target"), ("pgd-20x2", "baseline"),
-                                                          ("fgsm", "target"), ("fgsm", "baseline")}
+    assert wb["columns"] == ["attack", "model", "n", "eps 0.1", "eps 0.2", "eps 0.3"]
+    n_by_row = {(row[0], row[1]): row[2] for row in wb["rows"]}
+    assert {k: n_by_row.get(k) for k in [("pgd-20x2", "target"), ("pgd-20x2", "baseline"), ("fgsm", "target"),
+                                         ("fgsm", "baseline")]} == dict.fromkeys(n_by_row.keys() & {
+        ("pgd-20x2", "target"), ("pgd-20x2", "baseline"), ("fgsm", "target"), ("fgsm", "baseline")}, "200") | {}
+    # the convergence check (PGD-40 from the same starts) runs on checks.n_examples images only
+    assert n_by_row[("pgd-20x2 @40 steps (convergence check)", "target")] == "50"
     assert [row[0] for row in tables["clean"]["rows"]] == ["target", "baseline"]
     recs = [r for r in out["records"] if r["attack"] == "pgd-20x2"]
     assert {r["model"] for r in recs} == {"target", "baseline"} and len(recs) == 6

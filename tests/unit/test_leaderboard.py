@@ -83,14 +83,16 @@ def test_ranking_by_any_attack_differences_and_rows_that_failed_did_not_run_or_a
                                                              ("dkd", None), ("trs", None)]
     by = {r["method"]: r for r in rows}
     assert abs(by["pdd"]["transfer_mean_vs_baseline"] - 0.2) < 1e-12
-    assert abs(by["gal"]["any_attack_mean_vs_baseline"] - 0.18) < 1e-12
+    # ranked over the white-box eps (0.1, 0.2, 0.3) only: at 0.15 and 0.25 no white-box attack ran
+    assert abs(by["gal"]["any_attack_wb_mean"] - 0.3) < 1e-12 and abs(by["pdd"]["any_attack_wb_mean"] - 0.4 / 3) < 1e-12
+    assert abs(by["gal"]["any_attack_mean_vs_baseline"] - (0.9 - 0.4) / 3) < 1e-12
     assert abs(by["gal"]["clean_acc_vs_baseline"] + 0.02) < 1e-12
     assert by["dkd"]["status"] == "not run" and by["trs"]["status"] == "failed"
     assert by["adp"]["status"] == "stale"  # made by the earlier evaluation: never ranked beside the new rows
     assert all(r["status"] == "not run" for r in doc["datasets"]["fashion_mnist"]["rows"])
     assert doc["code_versions"] == [json.dumps({"evaluation_code": "abc", "git_commit": "1234"}, sort_keys=True)]
     md = lb.render(doc)
-    assert "| 1 | `gal` | 97.0 | 50.0 | 40.0 | 30.0 | 20.0 | 10.0 | **30.0** |" in md
+    assert "| 1 | `gal` | 97.0 | 50.0 | 30.0 | 10.0 | **30.0** |" in md
     assert "| – | trs | failed: RuntimeError: boom |" in md and "| – | dkd | not run |" in md
     assert "| – | adp | stale: made by an earlier evaluation" in md
     assert "No method has finished on this data set with the current evaluation yet." in md
@@ -111,3 +113,23 @@ def test_the_comparison_page_sets_the_earlier_figures_beside_the_new_ones(tmp_pa
     md = lb.render_comparison(old, doc, "mnist")
     assert "| `pdd` | 7 → " in md and "| 50.5 |" in md and "| 18.0 |" in md
     assert "## Attack by attack at ε = 0.2" in md and "mora-100 (ce+dlr)" in md
+
+
+def test_published_rows_are_restored_only_with_the_same_budget_and_evaluation_code(tmp_path: Path,
+                                                                                   monkeypatch: Any) -> None:
+    monkeypatch.setattr("ensemble_core.evaluation.codeversion.evaluation_code_fingerprint", lambda: "abc")
+    rows = {m: lb.summarise(payload(m, [0.5] * 8, [0.4, 0.1, 0.0], [0.3, 0.2, 0.1, 0.0, 0.0]))
+            for m in ("baseline", "pdd")}
+    rows["pdd"]["code_version"] = {"evaluation_code": "older"}
+    for m, row in rows.items():
+        p = lb._cell_path(tmp_path / "a", "mnist", m)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(row))
+    published = tmp_path / "leaderboard.json"
+    published.write_text(json.dumps(lb.collect(tmp_path / "a", ["mnist"], ["baseline", "pdd"], lb.BUDGET)))
+    runs = tmp_path / "b"
+    assert lb.restore_cells(published, runs, ["mnist"], ["baseline", "pdd"], dict(lb.BUDGET, epochs=5)) == []
+    assert lb.restore_cells(published, runs, ["mnist"], ["baseline", "pdd"], lb.BUDGET) == ["mnist/baseline"]
+    cell = json.loads(lb._cell_path(runs, "mnist", "baseline").read_text())
+    assert cell == rows["baseline"] | {"restored_from": "leaderboard.json"}  # the derived keys are recomputed
+    assert lb.restore_cells(published, runs, ["mnist"], ["baseline"], lb.BUDGET) == []  # never over a cell
