@@ -16,6 +16,7 @@ BENCHMARKS = {
     "service": "bench.service_overhead",
     "queue": "bench.queue_bench",
     "eval": "bench.evaluation",
+    "eval-aa": "bench.evaluation:run_autoattack",
     "storm": "bench.storm",
     "fuzz": "bench.fuzz",
 }
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     for name in args.names or list(BENCHMARKS):
-        importlib.import_module(BENCHMARKS[name]).run()
+        module, _, func = BENCHMARKS[name].partition(":")
+        getattr(importlib.import_module(module), func or "run")()
         print()
     return 0
 
