@@ -413,7 +413,7 @@ def test_using_the_service_commands(service: Service) -> None:
     # `results <job-id>` for the evaluate job: the robustness table of the README's evaluation
     out = svc.run([eval_id if a == train_id else a for a in results_cmd]).stdout
     assert f"evaluate job {eval_id} (succeeded)" in out, out
-    assert f"{eval_n} examples" in out and re.search(r"^pgd-\d+ +target +[0-9.]+ ", out, re.M), out
+    assert re.search(rf"^pgd-\d+ +target +{eval_n} +[0-9.]+ ", out, re.M), out  # the n column: n_examples
 
     # "Dashboard, tokens, TensorBoard": `robust-ensembles token create --owner you` (same data dir as `up`)
     token_cmd = inline_command(section, "robust-ensembles token create")
