@@ -78,7 +78,7 @@ def test_pgd_falls_to_zero_and_flags_stay_quiet(ckpts: dict[str, Path], tmp_path
     # runner, tests/unit/test_eval_runner.py checks that its breaks enter the worst case)
     # transfer is weaker than white-box here, the member matrix has its weakest cells on the diagonal
     tr = {(q["attack"], q["eps"]): q["robust_acc"] for q in r["records"] if q["threat"] == "transfer"}
-    assert tr[("pgd-10 (ce+cw)", 0.2)] > pgd[0.2]["robust_acc"]
+    assert tr[("pgd-10x3 (ce+cw)", 0.2)] > pgd[0.2]["robust_acc"]
     mt = r["member_transfer"]["target"]["accuracy"]
     assert all(mt[i][i] < mt[i][j] for i in range(3) for j in range(3) if i != j)
     assert (tmp_path / "robust_acc_vs_eps_Linf.png").exists() and (tmp_path / "results.json").exists()
