@@ -399,8 +399,9 @@ def render(doc: dict[str, Any]) -> str:
         groups = sorted({g for r in done for g in r.get("transfer_by_group", {})})
         if groups:
             lines += ["Transfer mean (16 cells, %) by surrogate group: " + "; ".join(
-                f"`{r['method']}` " + ", ".join(f"{g} {_pct(r['transfer_by_group'][g]['mean'])}"
-                                                 for g in groups if g in r.get("transfer_by_group", {}))
+                f"`{r['method']}` " + (", ".join(f"{g} {_pct(r['transfer_by_group'][g]['mean'])}"
+                                                  for g in groups if g in r.get("transfer_by_group", {}))
+                                       or "only baseline surrogates (one of them its own configuration, seed 1)")
                 for r in done) + ".", ""]
         flags = [f"- `{r['method']}`: `{f['name']}`" + (f" ({f['attack']})" if f.get("attack") else "")
                  + f": {f['message']}" for r in done for f in r["flags"]]
