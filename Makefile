@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 APT_PACKAGES := postgresql dataset-fashion-mnist docker-compose chromium
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit demo bench lint compose-check clean
+.PHONY: install test test-fast test-unit demo bench lint compose-check clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,16 @@ $(VENV)/.installed: pyproject.toml requirements.txt requirements-nodeps.txt
 # pytest exits 5 when it collects nothing: that is a failure here, not a pass.
 test: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+
+# The fast tier: the unit tests and the quickest integration tests (real Postgres and the API, the built
+# wheel; no Ray jobs), without the tests marked slow (real-MNIST training, DDP equivalence, `up` from the
+# wheel). Under 3 minutes on two quiet cores; `make test` runs everything.
+FAST_TESTS := tests/unit tests/integration/test_api.py tests/integration/test_queue.py \
+  tests/integration/test_security.py tests/integration/test_webhooks.py tests/integration/test_wheel.py
+
+test-fast: install
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(FAST_TESTS) $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 test-unit: install

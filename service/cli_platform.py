@@ -174,12 +174,12 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ service commands (the database)
 def _with_engine(args: argparse.Namespace, body: Callable[[Any, Any], int]) -> int:
     from service import migrate
-    from service.cli import _Database, _settings, _setup_logging
+    from service.cli_common import Database, command_settings, setup_logging
     from service.db import make_engine
 
-    _setup_logging(args.verbose)
-    settings = _settings(args)
-    with _Database(settings) as url:
+    setup_logging(args.verbose)
+    settings = command_settings(args)
+    with Database(settings) as url:
         current, head = migrate.current_revision(url), migrate.head_revision()
         if current != head:
             print(f"error: database schema at {current}, expected {head}: run `robust-ensembles db upgrade` first",

@@ -1,9 +1,10 @@
 """``robust-ensembles demo``: the whole service end to end on one machine, over REST.
 
 Starts ``robust-ensembles up`` (embedded Postgres, migrations, local Ray, API, one worker) as a
-subprocess, submits a train job (3-member baseline LeNet-5 on MNIST, DDP over Ray Train workers) and
-an evaluate job that depends on it (clean accuracy and PGD at eps 0.1 / 0.2 / 0.3), follows both
-with progress bars, prints the results tables and stops the service.
+subprocess (the entry point's program: :attr:`service.cli.EntryPoint.program`), submits a train job
+(3-member baseline LeNet-5 on MNIST, DDP over Ray Train workers) and an evaluate job that depends on it
+(clean accuracy and PGD at eps 0.1 / 0.2 / 0.3), follows both with progress bars, prints the results
+tables and stops the service.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +49,12 @@ def _tail(path: Path, n: int = 40) -> str:
         return ""
 
 
-def start_service(settings: Settings, port: int) -> tuple[subprocess.Popen[bytes], Path]:
+def start_service(settings: Settings, port: int, program: Sequence[str]) -> tuple[subprocess.Popen[bytes], Path]:
+    """``program up`` on ``port`` (``program``: the command line of ``robust-ensembles``)."""
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / "up.log"
-    cmd = [sys.executable, "-m", "service.cli", "up", "--port", str(port), "--data-dir", str(settings.data_dir)]
+    cmd = [*program, "up", "--port", str(port), "--data-dir", str(settings.data_dir)]
     if settings.database_url:
         cmd += ["--database-url", settings.database_url]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
@@ -87,9 +90,9 @@ def wait_ready(client: Any, proc: subprocess.Popen[bytes], log_path: Path, timeo
     raise RuntimeError(f"the service was not ready within {timeout:.0f} s; see {log_path}")
 
 
-def run_demo(settings: Settings, *, port: int = 0, epochs: int = 2, train_subset: int = 10_000, workers: int = 2,
-             n_examples: int = 300, keep_running: bool = False) -> int:
-    from service.cli import watch_job
+def run_demo(settings: Settings, *, program: Sequence[str], port: int = 0, epochs: int = 2,
+             train_subset: int = 10_000, workers: int = 2, n_examples: int = 300, keep_running: bool = False) -> int:
+    from service.cli_common import watch_job
     from service.client import Client
     from service.report import format_results
 
@@ -98,7 +101,7 @@ def run_demo(settings: Settings, *, port: int = 0, epochs: int = 2, train_subset
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     print(f"robust-ensembles demo: starting the service (data in {settings.data_dir}, API {api})", flush=True)
     t0 = time.monotonic()
-    proc, log_path = start_service(settings, port)
+    proc, log_path = start_service(settings, port, program)
     code = 1
     try:
         with Client(api) as c:

@@ -1,8 +1,8 @@
 """Programmatic Alembic: ``robust-ensembles db upgrade`` and the ``up`` command run migrations from here.
 
-The Alembic scripts live in the top-level ``migrations/`` directory of the project; this module
-finds it beside the installed ``service`` package (a source checkout or an editable install), so no
-``alembic.ini`` is needed.
+The Alembic scripts live in the top-level ``migrations/`` directory of the project. An installed wheel
+carries them as ``service/migrations`` (pyproject.toml maps the directory there); a source checkout or
+an editable install has them beside the ``service`` package. No ``alembic.ini`` is needed.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from service.db import sqlalchemy_url
 
 
 def migrations_dir() -> Path:
+    """``RE_MIGRATIONS_DIR``, else the wheel's ``service/migrations``, else the checkout's ``migrations/``."""
     override = os.environ.get("RE_MIGRATIONS_DIR")
     candidates = [Path(override)] if override else []
-    candidates.append(Path(__file__).resolve().parent.parent / "migrations")
+    here = Path(__file__).resolve().parent
+    candidates += [here / "migrations", here.parent / "migrations"]
     for c in candidates:
         if (c / "env.py").exists():
             return c

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import schemas
 
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "docs" / "results" / "leaderboard.json"
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "docs" / "results" / "leaderboard.json"  # a source checkout
+PACKAGED_PATH = Path(__file__).resolve().parent / "published" / "leaderboard.json"  # an installed wheel's copy
 FORMAT = "robust-ensembles/leaderboard-v2"
 
 router = APIRouter()
@@ -70,9 +71,12 @@ class Leaderboard(BaseModel):
 
 
 def leaderboard_path(request: Request) -> Path:
-    """The configured document (``Settings.leaderboard_path``) or the one in the project's docs."""
+    """The configured document (``Settings.leaderboard_path``), else the one in the project's docs, else the copy
+    of it an installed wheel carries (``service/published``, see pyproject.toml)."""
     configured = getattr(request.app.state.settings, "leaderboard_path", None)
-    return Path(configured) if configured else DEFAULT_PATH
+    if configured:
+        return Path(configured)
+    return PACKAGED_PATH if not DEFAULT_PATH.exists() and PACKAGED_PATH.exists() else DEFAULT_PATH
 
 
 @router.get("/v1/leaderboard", response_model=Leaderboard, tags=["results"],

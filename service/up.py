@@ -1,7 +1,9 @@
 """``robust-ensembles up``: everything for one machine in one command.
 
 Embedded PostgreSQL (unless ``DATABASE_URL`` is set) -> migrations -> one worker process (which
-starts a local Ray with its files under the data directory) -> the API on ``127.0.0.1:PORT``.
+starts a local Ray with its files under the data directory) -> the API on ``127.0.0.1:PORT``. The
+worker's command line and environment come from the entry point (:class:`service.cli.EntryPoint`:
+``robust-ensembles worker``), so this module imports nothing from ``workers/``.
 Ctrl-C or SIGTERM stops it all cleanly: the API drains, the worker hands a running job back to the
 queue (it resumes from its last checkpoint on the next start), and the database is shut down.
 
@@ -16,9 +18,9 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -40,22 +42,25 @@ def _raise_terminate(signum: int, frame: FrameType | None) -> None:
 
 
 class WorkerProcess:
-    """The worker subprocess, restarted (a few times, with backoff) if it dies while ``up`` runs."""
+    """The worker subprocess, restarted (a few times, with backoff) if it dies while ``up`` runs.
 
-    def __init__(self, settings: Settings, database_url: str, *, ray_address: str | None, num_cpus: int | None,
+    ``command`` starts the worker (``robust-ensembles worker``: :attr:`service.cli.EntryPoint.program` +
+    ``worker``); ``local_ray_env`` is added to its environment when it starts a local Ray (no ``ray_address``).
+    """
+
+    def __init__(self, settings: Settings, database_url: str, *, command: Sequence[str],
+                 local_ray_env: Mapping[str, str] | None = None, ray_address: str | None, num_cpus: int | None,
                  log_path: Path) -> None:
-        self.cmd = [sys.executable, "-m", "service.cli", "worker", "--data-dir", str(settings.data_dir),
-                    "--database-url", database_url, "--parent-pid", str(os.getpid())]
+        self.cmd = [*command, "--data-dir", str(settings.data_dir), "--database-url", database_url,
+                    "--parent-pid", str(os.getpid())]
         if ray_address:
             self.cmd += ["--address", ray_address]
         if num_cpus:
             self.cmd += ["--num-cpus", str(num_cpus)]
         self.env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                     "PYTHONUNBUFFERED": "1"}
-        if not ray_address:  # the worker's local Ray listens on 127.0.0.1 only (set before Ray is imported)
-            from workers.ray_local import loopback_env
-
-            self.env.update(loopback_env())
+        if not ray_address:  # e.g. the worker's local Ray listens on 127.0.0.1 only (set before Ray is imported)
+            self.env.update(local_ray_env or {})
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
@@ -123,8 +128,15 @@ def _allowed_hosts(settings: Settings, host: str) -> tuple[str, ...] | None:
 
 
 def run_up(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, worker: bool = True,
-           ray_address: str | None = None, num_cpus: int | None = None) -> int:
-    """Run the whole stack until Ctrl-C / SIGTERM. Returns the exit code."""
+           ray_address: str | None = None, num_cpus: int | None = None, worker_command: Sequence[str] = (),
+           worker_env: Mapping[str, str] | None = None) -> int:
+    """Run the whole stack until Ctrl-C / SIGTERM. Returns the exit code.
+
+    ``worker_command`` / ``worker_env``: how to start the worker (see :class:`WorkerProcess`); needed
+    unless ``worker`` is False.
+    """
+    if worker and not worker_command:
+        raise ValueError("run_up: a worker needs worker_command (robust-ensembles worker)")
     import uvicorn
 
     from service import migrate
@@ -147,8 +159,8 @@ def run_up(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, wor
         migrate.upgrade(url)
         log.info("database schema at revision %s", migrate.current_revision(url))
         if worker:
-            proc = WorkerProcess(settings, url, ray_address=ray_address, num_cpus=num_cpus,
-                                 log_path=logs_dir / "worker.log")
+            proc = WorkerProcess(settings, url, command=worker_command, local_ray_env=worker_env,
+                                 ray_address=ray_address, num_cpus=num_cpus, log_path=logs_dir / "worker.log")
             proc.start()
         app = create_app(settings.with_(database_url=url, allowed_hosts=_allowed_hosts(settings, host)))
         log.info("API on http://%s:%d (docs: http://%s:%d/docs); data in %s", host, port, host, port,

@@ -5,7 +5,8 @@ on every interface and the runtime-env agent on the machine's external address (
 was applied after ``import ray``, too late), and Ray's token file was world-readable (0644).
 
 The test starts Ray the way ``up`` does: a subprocess with the environment ``up`` gives its worker
-(:class:`service.up.WorkerProcess`) calling :func:`workers.worker.connect_ray` with ``up``'s Ray temp dir,
+(:class:`service.up.WorkerProcess` with the entry point's ``worker_env``, :data:`workers.main.ENTRY`) calling
+:func:`workers.worker.connect_ray` with the worker's Ray temp dir,
 with ``ray`` imported first (the harder case), and its own ``HOME`` (so Ray's default token path is
 the test's). It runs a task and an actor, so worker processes exist, then lists every listening socket
 of the process tree.
@@ -24,6 +25,7 @@ import pytest
 
 from service.settings import Settings
 from service.up import WorkerProcess
+from workers.main import ENTRY
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +36,7 @@ import json, os, sys, time
 import ray  # imported before connect_ray: the loopback setting must still take effect
 import psutil
 from pathlib import Path
-from service.cli import ray_temp_dir
+from workers.main import ray_temp_dir
 from service.settings import Settings
 from workers.worker import connect_ray
 
@@ -81,8 +83,8 @@ def test_ups_ray_listens_on_loopback_only_and_its_token_file_is_private(tmp_path
     data_dir = tmp_path / "data"
     home = tmp_path / "home"
     home.mkdir()
-    proc = WorkerProcess(Settings(data_dir=data_dir), "postgresql://unused", ray_address=None, num_cpus=1,
-                         log_path=tmp_path / "worker.log")
+    proc = WorkerProcess(Settings(data_dir=data_dir), "postgresql://unused", command=(*ENTRY.program, "worker"),
+                         local_ray_env=ENTRY.worker_env, ray_address=None, num_cpus=1, log_path=tmp_path / "worker.log")
     env = dict(proc.env) if how == "up" else dict(os.environ)
     env.update(HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(data_dir)], env=env, capture_output=True, text=True,

@@ -197,7 +197,7 @@ def test_an_expired_lease_requeues_the_job_and_the_next_attempt_resumes_from_the
     jid = job["id"]
     # worker A: a separate process on the same Ray cluster and data directory, with a short lease
     env = {**os.environ, "RE_HEARTBEAT_SECONDS": "1", "RE_RETRY_BACKOFF_SECONDS": "1"}
-    cmd = [sys.executable, "-m", "service.cli", "worker", "--address", ray.get_runtime_context().gcs_address,
+    cmd = [sys.executable, "-m", "workers.main", "worker", "--address", ray.get_runtime_context().gcs_address,
            "--database-url", pg_url, "--data-dir", str(stack.settings.data_dir), "--lease-seconds", "4",
            "--max-jobs", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

@@ -76,6 +76,7 @@ def tiny_paths(tmp_path: Path) -> Paths:
     return Paths.of(TINY, root=tmp_path, results_dir=tmp_path / "docs" / "results", runs_dir=tmp_path / "runs")
 
 
+@pytest.mark.slow
 def test_tiny_campaign_trains_records_skips_and_resumes(tiny_paths: Paths) -> None:
     logs: list[str] = []
     done = cp.run_training(TINY, tiny_paths, log=logs.append)
@@ -118,6 +119,7 @@ def test_tiny_campaign_trains_records_skips_and_resumes(tiny_paths: Paths) -> No
     assert not cp.train_done(tiny_paths, train_units(changed)[0])
 
 
+@pytest.mark.slow
 def test_tiny_campaign_evaluates_and_keys_on_the_evaluation_code(tiny_paths: Paths,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     cp.run_training(TINY, tiny_paths, log=lambda m: None)

@@ -15,6 +15,7 @@ SPEC = {"method": "baseline", "dataset": "synthetic", "members": 2, "epochs": 3,
         "eval_subset": 200, "optimizer": {"name": "sgd", "lr": 0.05}}
 
 
+@pytest.mark.slow
 def test_round_trip_gives_the_same_predictions(tmp_path: Path) -> None:
     result, path = train_local(SPEC, tmp_path, progress=False, log=lambda s: None)
     state = load_checkpoint(path)
@@ -44,6 +45,7 @@ def test_loading_refuses_pickled_objects_and_foreign_files(tmp_path: Path) -> No
         load_checkpoint(tmp_path / "other.pt")
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
     full, _ = train_local(SPEC, tmp_path / "a", progress=False, log=lambda s: None)
     # interrupt after the first epoch (the loop checks should_stop at every epoch end)

@@ -78,6 +78,7 @@ def test_file_lock_is_exclusive(tmp_path: Path) -> None:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+@pytest.mark.slow
 def test_render_reports_every_part(tmp_path: Path) -> None:
     info = DatasetInfo("synthetic", 10, 1, 8, (0.5,), (0.25,), False)
     ds = synthetic_dataset(n=600, seed=3, size=8)

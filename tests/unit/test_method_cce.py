@@ -664,6 +664,7 @@ def test_single_member_is_madry_training() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_cce_on_real_mnist_resumes_and_loads(tmp_path: Path) -> None:
     from ensemble_core.checkpoint import load_checkpoint, load_ensemble, save_checkpoint
     from ensemble_core.training import TrainHooks, TrainingStopped, train_ensemble, train_local

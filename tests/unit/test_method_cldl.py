@@ -562,6 +562,7 @@ def test_checkpoint_holds_the_lcm_and_resume_restores_it(tmp_path: Path) -> None
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_learns_real_mnist_quickly(tmp_path: Path) -> None:
     spec = {
         "method": "cldl",
@@ -614,6 +615,7 @@ def _ddp_worker(rank: int, world: int, port: int, hp: dict, out_dir: str) -> Non
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize("hp", [{"ld_mode": "reference"}, {"ld_mode": "paper", "gd_norm": "pairs"}])
 def test_ddp_two_ranks_equal_one_process(hp: dict, tmp_path: Path) -> None:
     """Two gloo ranks on halves ≡ one process on the whole batch, even with the batch-coupled ℓ_ld."""

@@ -235,6 +235,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_each_member_frozen_after_its_stage_over_whole_epochs() -> None:
     """spec §2.9.3 (whole epochs): a member's weights never change after its stage ends."""
     states: list[tuple[int, int, list[dict[str, torch.Tensor]]]] = []
@@ -251,6 +252,7 @@ def test_each_member_frozen_after_its_stage_over_whole_epochs() -> None:
     assert [m["stage_name"] for m in h] == ["M", "M", "A1", "A1", "A2", "A2"]
 
 
+@pytest.mark.slow
 def test_resume_mid_stage_does_not_retrain_a_finished_member() -> None:
     """Interrupt in the middle of stage A1, resume: M is never touched again, no epoch of M runs again,
     and the final weights equal an uninterrupted run's."""
@@ -282,6 +284,7 @@ def test_resume_mid_stage_does_not_retrain_a_finished_member() -> None:
     assert [(m["stage"], m["epoch"]) for m in resumed.history] == expected
 
 
+@pytest.mark.slow
 def test_train_local_writes_loadable_ensemble_with_results(tmp_path: Any, capsys: Any) -> None:
     result, path = train_local(SPEC, tmp_path, progress=False, log=lambda s: None)
     ens = load_ensemble(path)
@@ -558,6 +561,7 @@ dist.destroy_process_group()
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_all_stages_under_ddp_match_one_process(tmp_path: Any) -> None:
     """Two gloo ranks, each with half of every global batch and DDP re-wrapping the TrainNet per stage
     (frozen predecessors excluded from DDP by ``requires_grad=False``), end with the weights of one process

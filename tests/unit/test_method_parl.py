@@ -499,6 +499,7 @@ def _one_step(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_ddp_two_gloo_ranks_match_one_process() -> None:
     """Input-gradient maps via autograd.grad inside DDP's forward, then one backward (spec §9)."""
     with tempfile.TemporaryDirectory() as d:
@@ -516,6 +517,7 @@ def test_ddp_two_gloo_ranks_match_one_process() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_short_mnist_run_lowers_the_cosines_and_deploys_a_vote(tmp_path: Path) -> None:
     """Spec §9: the cosines fall quickly below their initial values; the saved ensemble votes."""
     from ensemble_core.checkpoint import load_ensemble

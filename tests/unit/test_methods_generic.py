@@ -31,7 +31,9 @@ def _tiny(name: str) -> dict:
             "train_subset": 96, "eval_subset": 64, "optimizer": {"name": "adam", "lr": 1e-3}, "seed": 3}
 
 
-@pytest.mark.parametrize("name", method_names())
+# the adversarially trained methods take ~12 s each here: `make test-fast` leaves them to `make test`
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("cce", "adv_en") else n
+                                  for n in method_names()])
 def test_interrupted_run_resumes_to_the_same_weights(name: str, tmp_path: Path) -> None:
     """Stop after the first epoch, resume from the checkpoint: bit-identical to an uninterrupted run."""
     spec = _tiny(name)

@@ -98,7 +98,10 @@ def test_cli_builds_specs_from_files_and_overrides(tmp_path: Path) -> None:
 
 
 def test_cli_parser_knows_every_command() -> None:
-    p = build_parser()
+    from workers.main import build_parser as entry_parser
+    from workers.main import cmd_worker
+
+    p = entry_parser()  # the console script's: service.cli's commands plus workers' `worker`
     for argv in (["up", "--port", "9000", "--data-dir", "/tmp/x"], ["demo"], ["worker", "--address", "auto"],
                  ["serve"], ["db", "upgrade"], ["db", "downgrade", "base"], ["submit", "train", "--set", "a=1"],
                  ["status"], ["status", "abc"], ["watch", "abc"], ["logs", "abc", "-f"], ["metrics", "abc"],
@@ -107,6 +110,9 @@ def test_cli_parser_knows_every_command() -> None:
         args = p.parse_args(argv)
         assert callable(args.func), argv
     assert p.parse_args(["up"]).port == 8000
+    assert p.parse_args(["worker"]).func is cmd_worker
+    # service.cli alone (python -m service.cli) parses every command too; its `worker` only says where the worker is
+    assert build_parser().parse_args(["worker"]).func is not cmd_worker
 
 
 def test_json_for_jsonb_columns_drops_nan_and_converts_scalars() -> None:
