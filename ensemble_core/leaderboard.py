@@ -435,7 +435,8 @@ def render_comparison(old: dict[str, Any], new: dict[str, Any], dataset: str = "
              f"the same checkpoints: the leaderboard's budget ({b['architecture']}, {b['members']} members, a seeded "
              f"{b['train_subset']:,}-image training subset, {b['epochs']} epochs, Adam 1e-3, weight decay 1e-4, "
              "batch 128, training seed 0 — the quick budget, one training seed per model), retrained "
-             "deterministically from the same specs (the clean accuracies match the earlier page's).", "",
+             "deterministically from the same specs (the clean accuracies match the earlier page's), except the "
+             "rows listed under the first table.", "",
              f"**Before** ({old['generated_at']}): transfer from the two baseline surrogates crafted on their mean "
              "logits (PGD with one seed), ranked by the transfer mean; white-box PGD-50 x 5 restarts with CE, "
              "only the final iterate scored; no AutoAttack. **Now**: the reviewer's "
@@ -467,7 +468,21 @@ def render_comparison(old: dict[str, Any], new: dict[str, Any], dataset: str = "
         cells += [_flagged(ow.get(e)) for e in w_eps] + [_flagged(ww.get(e)) for e in w_eps]
         cells += [_flagged(an.get(e)) for e in a_eps]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "For the baseline, the baseline surrogates include its own configuration with another seed (the "
+    changed = []
+    for r in n_rows:
+        o = o_rows.get(r["method"])
+        if o is None:
+            continue
+        n_old, n_new = len(o.get("member_clean_acc") or []), len(r.get("member_clean_acc") or [])
+        if n_old != n_new or abs(float(o.get("clean_acc", 0.0)) - float(r.get("clean_acc", 0.0))) > 1e-9:
+            changed.append(f"`{r['method']}` (before {n_old} networks, {_pct(o.get('clean_acc'))} % clean; now "
+                           f"{n_new} networks, {_pct(r.get('clean_acc'))} % clean)")
+    lines += [""]
+    if changed:
+        lines += ["**Not the same checkpoint before and now** (the method's default configuration changed between "
+                  "the two evaluations, so its *before* columns describe another model): " + "; ".join(changed)
+                  + ".", ""]
+    lines += ["For the baseline, the baseline surrogates include its own configuration with another seed (the "
               "3-member baseline of seed 1), so it has no separate same-method group.", ""]
     # 2. attack by attack, per white-box eps
     attacks = list(dict.fromkeys(w["attack"] for r in n_rows for w in r["white_box"]))
