@@ -180,6 +180,29 @@ def describe_method(name: str) -> dict[str, Any]:
     return get_method(name).describe()
 
 
+def describe_specs() -> dict[str, Any]:
+    """The JSON schemas of ``POST /v1/jobs``: the body's own fields (``job``: priority, tags, note, ...) and the
+    spec of each kind (``kinds``), with the registered names (methods, data sets, architectures, combine rules)
+    as enums: what the dashboard's *New job* form is generated from."""
+    from ensemble_core.methods import method_names
+    from ensemble_core.registry_names import architecture_names, combine_names
+    from ensemble_core.spec import DATASETS, EvaluateSpec, TrainSpec, TuneSpec
+
+    kinds = {"train": TrainSpec.model_json_schema(), "evaluate": EvaluateSpec.model_json_schema(),
+             "tune": TuneSpec.model_json_schema()}
+    names = {"method": method_names(), "dataset": list(DATASETS), "architecture": architecture_names()}
+    for field, values in names.items():
+        kinds["train"]["properties"][field]["enum"] = values
+    for kind in ("train", "evaluate"):
+        prop = kinds[kind]["properties"]["combine"]
+        prop["anyOf"] = [{"type": "string", "enum": combine_names()}, {"type": "null"}]
+    job = schemas.JobCreate.model_json_schema()
+    job["properties"] = {k: v for k, v in job["properties"].items() if k not in ("kind", "spec")}
+    job.pop("required", None)
+    job.pop("examples", None)
+    return {"job": job, "kinds": kinds}
+
+
 def _warm_methods() -> None:
     try:
         from ensemble_core.methods import method_names
@@ -597,6 +620,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None, warm: bool =
         from ensemble_core.methods import method_names
 
         return {"items": [describe_method(n) for n in method_names()]}
+
+    @app.get("/v1/specs", tags=["methods"])
+    def specs() -> dict[str, Any]:
+        """The JSON schemas of a job submission (``POST /v1/jobs``): ``job``, the body's fields besides ``kind`` and
+        ``spec`` (priority, max_attempts, deadline_seconds, tags, note); ``kinds``, the spec of each kind (train,
+        evaluate, tune) with the registered methods, data sets, architectures and combine rules as enums. A
+        method's ``hyperparameters`` are described by ``GET /v1/methods``. The dashboard's *New job* form is
+        generated from these."""
+        return describe_specs()
 
     @app.get("/v1/methods/{name}", tags=["methods"], responses=responses_404)
     def method(name: str) -> dict[str, Any]:

@@ -329,6 +329,11 @@ class Client:
     def method(self, name: str) -> dict[str, Any]:
         return self._get(f"/v1/methods/{name}")
 
+    def specs(self) -> dict[str, Any]:
+        """``GET /v1/specs``: the JSON schemas of a submission, ``job`` (the body's fields) and ``kinds`` (each
+        kind's spec, registered names as enums); the dashboard's *New job* form is generated from them."""
+        return self._get("/v1/specs")
+
     def attacks(self) -> dict[str, Any]:
         """``GET /v1/attacks``: every evaluation attack with its losses and parameters (bounds, defaults)."""
         return self._get("/v1/attacks")

@@ -2,6 +2,8 @@
  *
  * Pages (hash routes): #/ job list, #/jobs/<id> one job, #/compare?ids=<id>,<id>[,...] side by side,
  * #/models the registered models, #/models/<id> one model with its evaluations (docs/models.md).
+ * #/new a job submission form (generated from GET /v1/specs and GET /v1/methods), #/new?clone=<id> the same form
+ * holding that job's spec ("clone with changes").
  * Every request carries "Authorization: Bearer <token>" when a token is saved in the header form
  * (kept in localStorage). Curves are drawn as inline SVG.
  */
@@ -363,7 +365,7 @@
       if (seq !== routeSeq) return;
       count.textContent = `${data.items.length} of ${data.total} job(s), newest first; refreshed ${fmtTime(new Date().toISOString()).slice(11)}`;
       if (!data.items.length) {
-        holder.replaceChildren(h('p', { class: 'muted' }, 'No jobs yet. Submit one with `robust-ensembles submit` or POST /v1/jobs.'));
+        holder.replaceChildren(h('p', { class: 'muted' }, 'No jobs yet. Submit one with New job above, `robust-ensembles submit` or POST /v1/jobs.'));
         return;
       }
       const rows = data.items.map((j) => {
@@ -497,7 +499,10 @@
     const eventsBox = h('div', { id: 'events' });
     const trialsBox = h('div', { id: 'trials' });
     const title = h('h1', {}, `${job.kind} job `, h('span', { title: job.id }, shortId(job.id)));
-    const sections = [title, head,
+    const actions = job.kind === 'trial' ? null : h('p', { class: 'toolbar' },
+      h('a', { href: `#/new?clone=${job.id}`, id: 'clone-btn', class: 'button' }, 'Clone with changes'),
+      h('span', { class: 'muted' }, 'a new job from this one\'s spec, with the changes you make'));
+    const sections = [title, actions, head,
       section('curves-section', 'Curves (per epoch)', curvesBox),
       job.kind === 'tune' ? section('trials-section', 'Trials', trialsBox) : null,
       section('results-section', 'Results', resultsBox),
@@ -712,6 +717,348 @@
         : h('p', { class: 'muted' }, 'The specs are identical.')));
   }
 
+  // ------------------------------------------------------------------ page: new job / clone with changes
+  // The form is generated from GET /v1/specs (the body's fields and each kind's spec, JSON schemas) and, for a
+  // train spec's hyperparameters, from the chosen method's schema in GET /v1/methods. The browser does not
+  // validate (the form is novalidate): the API does, and its 422 messages are shown at the fields they name.
+  let specsCache = null;
+  let methodsCache = null;
+
+  async function loadSpecs() {
+    if (!specsCache) specsCache = await getJSON('/v1/specs');
+    return specsCache;
+  }
+
+  async function loadMethods() {
+    if (!methodsCache) methodsCache = (await getJSON('/v1/methods')).items;
+    return methodsCache;
+  }
+
+  function deref(schema, defs) {
+    if (schema && schema.$ref) return (defs || {})[schema.$ref.split('/').pop()] || {};
+    return schema || {};
+  }
+
+  /** A property's schema without its "or null" (anyOf [X, null]), and whether null is allowed. */
+  function unwrap(schema, defs) {
+    const sc = deref(schema, defs);
+    if (!Array.isArray(sc.anyOf)) return { sc, nullable: false };
+    const non = sc.anyOf.filter((a) => a.type !== 'null');
+    const outer = { description: sc.description, default: sc.default, title: sc.title };
+    if (non.length !== 1) return { sc: outer, nullable: non.length < sc.anyOf.length };
+    return { sc: Object.assign({}, deref(non[0], defs), outer), nullable: true };
+  }
+
+  function boundsText(sc) {
+    const b = [];
+    if (sc.minimum !== undefined) b.push(`≥ ${sc.minimum}`);
+    if (sc.exclusiveMinimum !== undefined) b.push(`> ${sc.exclusiveMinimum}`);
+    if (sc.maximum !== undefined) b.push(`≤ ${sc.maximum}`);
+    if (sc.exclusiveMaximum !== undefined) b.push(`< ${sc.exclusiveMaximum}`);
+    if (sc.maxLength !== undefined) b.push(`at most ${sc.maxLength} characters`);
+    if (sc.maxItems !== undefined) b.push(`at most ${sc.maxItems} items`);
+    return b.join(', ');
+  }
+
+  const fieldId = (path) => `f-${path.join('-')}`;
+
+  /**
+   * One input for one schema property: {path, row, get(), dirty}. get() returns the value to send or throws a
+   * local problem (text that is not JSON). Kinds: select (enum), checkbox (boolean), on/off/default (boolean or
+   * null), number, text, comma-separated list (array of strings), JSON text (anything else).
+   */
+  function makeField(path, name, schema, defs, value, opts) {
+    const { sc, nullable } = unwrap(schema, defs);
+    const key = path.join('.');
+    const id = fieldId(path);
+    const field = { path, key, dirty: false, always: !!(opts && opts.always) };
+    const common = { id, name: key, 'aria-describedby': `${id}-hint` };
+    const type = sc.type;
+    let input;
+    if (Array.isArray(sc.enum)) {
+      const labels = (opts && opts.labels) || {};
+      input = h('select', common,
+        nullable ? h('option', { value: '' }, 'default') : null,
+        sc.enum.map((v) => h('option', { value: String(v), selected: v === value }, labels[v] || String(v))));
+      if (nullable && (value === null || value === undefined)) input.value = '';
+      field.get = () => (input.value === '' ? null : sc.enum.find((v) => String(v) === input.value));
+    } else if (type === 'boolean' && !nullable) {
+      input = h('input', Object.assign({ type: 'checkbox', checked: value === true }, common));
+      field.get = () => input.checked;
+    } else if (type === 'boolean') {
+      input = h('select', common, h('option', { value: '' }, 'default'), h('option', { value: 'true' }, 'on'),
+        h('option', { value: 'false' }, 'off'));
+      input.value = value === true ? 'true' : value === false ? 'false' : '';
+      field.get = () => (input.value === '' ? null : input.value === 'true');
+    } else if (type === 'integer' || type === 'number') {
+      input = h('input', Object.assign({ type: 'number', step: type === 'integer' ? '1' : 'any', min: sc.minimum,
+        max: sc.maximum, placeholder: nullable ? 'default' : null, class: 'num-input' }, common));
+      input.value = typeof value === 'number' ? String(value) : '';
+      // an empty or unreadable number is sent as null: the API's message then names the field
+      field.get = () => (input.value.trim() === '' ? null : Number(input.value));
+    } else if (type === 'string') {
+      const long = sc.maxLength && sc.maxLength > 200;
+      input = long ? h('textarea', Object.assign({ rows: 3, cols: 50 }, common))
+        : h('input', Object.assign({ type: 'text', size: 40, placeholder: nullable ? 'default' : null }, common));
+      input.value = typeof value === 'string' ? value : '';
+      field.get = () => (nullable && input.value === '' ? null : input.value);
+    } else if (type === 'array' && sc.items && deref(sc.items, defs).type === 'string' && !deref(sc.items, defs).enum) {
+      input = h('input', Object.assign({ type: 'text', size: 40, placeholder: 'comma-separated' }, common));
+      input.value = Array.isArray(value) ? value.join(', ') : '';
+      field.get = () => input.value.split(',').map((x) => x.trim()).filter(Boolean);
+    } else {
+      const text = value === undefined || value === null ? '' : JSON.stringify(value);
+      input = h('textarea', Object.assign({ rows: Math.min(8, Math.max(1, Math.ceil(text.length / 70))), cols: 70,
+        spellcheck: 'false', placeholder: nullable ? 'default (JSON)' : 'JSON', class: 'json-input' }, common));
+      input.value = text;
+      field.get = () => {
+        if (input.value.trim() === '') return nullable ? null : undefined;
+        try {
+          return JSON.parse(input.value);
+        } catch (e) {
+          throw new Error(`not valid JSON: ${e.message}`);
+        }
+      };
+    }
+    const mark = () => { field.dirty = true; };
+    input.addEventListener('input', mark);
+    input.addEventListener('change', mark);
+    field.input = input;
+    const kindText = Array.isArray(sc.enum) ? 'one of the list' : type === 'array' && sc.items ? 'list' : type || 'JSON';
+    const dflt = schema.default !== undefined ? schema.default : sc.default;
+    const hint = [[kindText, boundsText(sc)].filter(Boolean).join(', '),
+      dflt !== undefined ? `default ${dflt === null ? 'none' : JSON.stringify(dflt)}` : null,
+      sc.description || schema.description || null].filter(Boolean).join(' · ');
+    field.error = h('p', { class: 'field-error', 'data-error-for': key, role: 'alert', hidden: true });
+    field.row = h('div', { class: 'field', 'data-field': key },
+      h('label', { for: id }, name), input, h('span', { class: 'hint muted', id: `${id}-hint` }, hint), field.error);
+    return field;
+  }
+
+  /** Fields for every property of an object schema; nested objects (optimizer, schedule ...) become fieldsets. */
+  function makeFields(path, schema, defs, values, fields, opts) {
+    const required = new Set(schema.required || []);
+    const out = [];
+    for (const [name, prop] of Object.entries(schema.properties || {})) {
+      const p = [...path, name];
+      const sc = deref(prop, defs);
+      const value = values ? values[name] : undefined;
+      if (opts && opts.special && opts.special[name]) {
+        out.push(opts.special[name](p, prop, value));
+      } else if (sc.type === 'object' && sc.properties) {
+        const box = h('fieldset', { class: 'group', 'data-field': p.join('.') }, h('legend', {}, name),
+          sc.description ? h('p', { class: 'muted' }, sc.description) : null);
+        box.append(...makeFields(p, sc, defs, value && typeof value === 'object' ? value : undefined, fields));
+        out.push(box);
+      } else {
+        const dflt = prop.default !== undefined ? prop.default : sc.default;
+        const f = makeField(p, name, prop, defs, value !== undefined ? value : dflt,
+          { always: required.has(name), labels: opts && opts.labels && opts.labels[name] });
+        fields.push(f);
+        out.push(f.row);
+      }
+    }
+    return out;
+  }
+
+  function setPath(obj, path, value) {
+    let o = obj;
+    for (const k of path.slice(0, -1)) {
+      if (!o[k] || typeof o[k] !== 'object' || Array.isArray(o[k])) o[k] = {};
+      o = o[k];
+    }
+    o[path[path.length - 1]] = value;
+  }
+
+  async function renderNewJob(params) {
+    const seq = routeSeq;
+    const cloneId = params.get('clone');
+    if (cloneId !== null && !JOB_ID.test(cloneId)) throw new Error(`not a job id: ${JSON.stringify(cloneId.slice(0, 60))}`);
+    const [specs, methods, source] = await Promise.all([loadSpecs(), loadMethods(),
+      cloneId ? getJSON(`/v1/jobs/${cloneId}`) : Promise.resolve(null)]);
+    if (seq !== routeSeq) return;
+    if (source && !specs.kinds[source.kind]) {
+      throw new Error(`a ${source.kind} job cannot be submitted itself; clone the job it belongs to`);
+    }
+    const kinds = Object.keys(specs.kinds);
+    let kind = source ? source.kind : (kinds.includes(params.get('kind')) ? params.get('kind') : 'train');
+    let fields = [];
+    const summaryBox = h('div', { id: 'submit-errors', class: 'error-text', role: 'alert', hidden: true });
+    const jobBox = h('fieldset', { class: 'group', id: 'job-fields' }, h('legend', {}, 'Job'));
+    const specBox = h('div', { id: 'spec-fields' });
+    const kindSelect = h('select', { id: 'new-kind', name: 'kind', disabled: !!source, onchange: () => {
+      kind = kindSelect.value;
+      build();
+    } }, kinds.map((k) => h('option', { value: k, selected: k === kind }, k)));
+    const submitBtn = h('button', { type: 'submit', id: 'submit-job' }, source ? 'Submit the clone' : 'Submit job');
+    const status = h('span', { id: 'submit-status', class: 'muted' });
+    const form = h('form', { id: 'new-job-form', class: 'jobform', novalidate: true, autocomplete: 'off', onsubmit: (e) => {
+      e.preventDefault();
+      submit().catch(showError);
+    } },
+    h('div', { class: 'field' }, h('label', { for: 'new-kind' }, 'kind'), kindSelect,
+      h('span', { class: 'hint muted' }, source ? 'the kind of the job cloned' : 'train an ensemble, evaluate one, or tune a train spec')),
+    summaryBox, jobBox, specBox, h('p', { class: 'toolbar' }, submitBtn, status));
+    const title = source
+      ? h('h1', {}, 'Clone with changes: ', h('a', { href: `#/jobs/${source.id}`, title: source.id }, `${source.kind} job ${shortId(source.id)}`))
+      : h('h1', {}, 'New job');
+    const intro = source
+      ? h('p', { class: 'muted' }, 'The form holds the job\'s resolved spec; change what you want and submit a new job. '
+        + 'The original is not touched.')
+      : h('p', { class: 'muted' }, 'Fields start at their defaults; only the fields you change (and the method and '
+        + 'data set) are sent, the API fills in the rest. The API checks every value and its messages appear at the '
+        + 'fields they name.');
+    app.replaceChildren(title, intro, form);
+
+    function methodLabels() {
+      return Object.fromEntries(methods.map((m) => [m.name, `${m.name} — ${m.title}`]));
+    }
+
+    function hyperparameterBox(path, prop, value) {
+      const box = h('fieldset', { class: 'group', id: 'hp-fields', 'data-field': path.join('.') });
+      const err = h('p', { class: 'field-error', 'data-error-for': path.join('.'), role: 'alert', hidden: true });
+      box.fill = (methodName, values) => {
+        for (let i = fields.length - 1; i >= 0; i -= 1) {  // in place: build() is still filling this array
+          if (fields[i].path.slice(0, path.length).join('.') === path.join('.')) fields.splice(i, 1);
+        }
+        const m = methods.find((x) => x.name === methodName);
+        box.replaceChildren(h('legend', {}, `hyperparameters of ${methodName}`),
+          m && m.summary ? h('p', { class: 'muted' }, m.summary) : null, err);
+        const schema = (m && m.schema) || { properties: {} };
+        if (!Object.keys(schema.properties || {}).length) box.append(h('p', { class: 'muted' }, 'This method has none.'));
+        const explicit = !!(source && methodName === source.spec.method);
+        const before = fields.length;
+        box.append(...makeFields(path, schema, schema.$defs, values, fields));
+        for (const f of fields.slice(before)) f.always = explicit;
+      };
+      box.errorFor = err;
+      box.fill((source && source.spec.method) || (specs.kinds.train.properties.method || {}).default, value);
+      return box;
+    }
+
+    function build() {
+      fields = [];
+      summaryBox.hidden = true;
+      const jobValues = source ? { priority: source.priority, max_attempts: source.max_attempts,
+        deadline_seconds: source.deadline_seconds, tags: source.tags, note: source.note } : undefined;
+      jobBox.replaceChildren(h('legend', {}, 'Job'), ...makeFields([], specs.job, specs.job.$defs, jobValues, fields));
+      const schema = specs.kinds[kind];
+      const special = {};
+      let hpBox = null;
+      if (kind === 'train') {
+        special.hyperparameters = (p, prop, value) => { hpBox = hyperparameterBox(p, prop, value); return hpBox; };
+      }
+      const box = h('fieldset', { class: 'group' }, h('legend', {}, `${kind} spec`),
+        schema.description ? h('p', { class: 'muted' }, schema.description) : null);
+      box.append(...makeFields(['spec'], schema, schema.$defs, source ? source.spec : undefined, fields,
+        { special, labels: { method: methodLabels() } }));
+      specBox.replaceChildren(box);
+      if (source) fields.forEach((f) => { f.always = true; });
+      if (kind === 'train') {
+        const methodField = fields.find((f) => f.key === 'spec.method');
+        const datasetField = fields.find((f) => f.key === 'spec.dataset');
+        const membersField = fields.find((f) => f.key === 'spec.members');
+        methodField.always = true;
+        datasetField.always = true;
+        methodField.input.addEventListener('change', () => {
+          const name = methodField.get();
+          hpBox.fill(name, source && name === source.spec.method ? source.spec.hyperparameters : undefined);
+          const m = methods.find((x) => x.name === name);
+          if (m && membersField && !membersField.dirty && !source) membersField.input.value = String(m.default_members);
+        });
+        const m = methods.find((x) => x.name === methodField.get());
+        if (m && membersField && !source) membersField.input.value = String(m.default_members);
+      }
+    }
+
+    function clearErrors() {
+      summaryBox.hidden = true;
+      summaryBox.replaceChildren();
+      form.querySelectorAll('.field-error').forEach((e) => { e.hidden = true; e.textContent = ''; });
+      form.querySelectorAll('.invalid').forEach((e) => e.classList.remove('invalid'));
+    }
+
+    /** Put each message at the field it names (or the nearest enclosing one); list them all above the form. */
+    function showErrors(items) {
+      clearErrors();
+      const boxes = [...form.querySelectorAll('[data-error-for]')];
+      let first = null;
+      for (const it of items) {
+        const where = String(it.field || 'body');
+        const parts = where.split('.');
+        let target = null;
+        for (let n = parts.length; n > 0 && !target; n -= 1) {
+          const k = parts.slice(0, n).join('.');
+          target = boxes.find((b) => b.dataset.errorFor === k) || null;
+        }
+        if (target) {
+          const text = where === target.dataset.errorFor ? it.msg : `${where}: ${it.msg}`;
+          target.hidden = false;
+          target.append(h('span', { 'data-error-field': where }, target.childNodes.length ? ` · ${text}` : text));
+          target.parentElement.classList.add('invalid');
+          if (!first) first = target.parentElement.querySelector('input, select, textarea');
+        }
+      }
+      summaryBox.append(h('p', {}, items.length === 1 ? 'The API refused the job:' : `The API refused the job (${items.length} problems):`),
+        h('ul', {}, items.map((it) => h('li', { 'data-error-field': String(it.field || '') }, `${it.field || 'body'}: ${it.msg}`))));
+      summaryBox.hidden = false;
+      if (first) first.focus();
+    }
+
+    async function submit() {
+      clearErrors();
+      const body = { kind, spec: source ? JSON.parse(JSON.stringify(source.spec)) : {} };
+      if (source && kind === 'train' && fields.find((f) => f.key === 'spec.method').get() !== source.spec.method) {
+        delete body.spec.hyperparameters;  // the old method's hyperparameters mean nothing to the new one
+      }
+      const local = [];
+      for (const f of fields) {
+        if (!f.dirty && !f.always) continue;
+        let v;
+        try {
+          v = f.get();
+        } catch (e) {
+          local.push({ field: f.key, msg: e.message });
+          continue;
+        }
+        if (v === undefined) continue;
+        setPath(body, f.path, v);
+      }
+      if (local.length) {
+        showErrors(local);
+        summaryBox.firstChild.textContent = 'Not sent: fix these first.';
+        return;
+      }
+      submitBtn.disabled = true;
+      status.textContent = 'Submitting…';
+      try {
+        const r = await fetch('/v1/jobs', { method: 'POST', headers: authHeaders({ 'Content-Type': 'application/json' }),
+          body: JSON.stringify(body) });
+        let data = null;
+        try {
+          data = await r.json();
+        } catch (_) { /* not JSON */ }
+        if (r.status === 422 && data && Array.isArray(data.detail)) {
+          status.textContent = '';
+          showErrors(data.detail);
+          return;
+        }
+        if (!r.ok) {
+          let detail = data && data.detail !== undefined ? data.detail : r.statusText;
+          if (r.status === 401) detail = `${formatDetail(detail)} (enter the API token at the top right)`;
+          throw new ApiError(r.status, detail);
+        }
+        status.textContent = `Submitted: job ${data.id}`;
+        location.hash = `#/jobs/${data.id}`;
+      } finally {
+        submitBtn.disabled = false;
+        if (status.textContent === 'Submitting…') status.textContent = '';
+      }
+    }
+
+    build();
+  }
+
   // ------------------------------------------------------------------ pages: models (docs/models.md)
   const pct = (v) => (v === null || v === undefined ? '–' : `${(100 * v).toFixed(1)}%`);
   const js = (v) => (v === null || v === undefined ? 'none' : JSON.stringify(v));
@@ -804,6 +1151,7 @@
     else if (mm) page = renderModel(mm[1]);
     else if (path === '/models') page = renderModels();
     else if (path === '/compare') page = renderCompare((params.get('ids') || '').split(',').filter(Boolean));
+    else if (path === '/new') page = renderNewJob(params);
     else page = renderJobs(params);
     page.then(() => { document.body.dataset.ready = String(routeSeq); }, (e) => {
       showError(e);
