@@ -14,6 +14,7 @@
   const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
   const STATUSES = ['queued', 'running', 'succeeded', 'failed', 'cancelling', 'cancelled'];
   const KINDS = ['train', 'evaluate', 'tune', 'trial'];
+  const JOB_FILTERS = ['status', 'kind', 'method', 'dataset', 'tag', 'q', 'since', 'until'];
   const COLORS = ['#2760a8', '#d1495b', '#2e8b57', '#e69f00', '#7b4fa8', '#0aa3b5', '#8c564b', '#d45fa0',
     '#5f6b78', '#a0a000'];
   const app = document.getElementById('app');
@@ -338,19 +339,39 @@
   async function renderJobs(params) {
     const seq = routeSeq;
     const selected = new Set();
-    const filters = { status: params.get('status') || '', kind: params.get('kind') || '' };
+    // the filters of GET /v1/jobs, kept in the page's address (#/?status=running&method=pdd&tag=x ...)
+    const filters = Object.fromEntries(JOB_FILTERS.map((k) => [k, params.get(k) || '']));
+    const go = () => {
+      const q = new URLSearchParams(Object.entries(filters).filter(([, v]) => v));
+      location.hash = `#/${q.toString() ? `?${q}` : ''}`;
+    };
+    let methods = [];
+    let datasets = [];
+    try {
+      const [m, specs] = await Promise.all([getJSON('/v1/methods'), getJSON('/v1/specs')]);
+      methods = m.items.map((x) => x.name);
+      datasets = specs.kinds.train.properties.dataset.enum || [];
+    } catch (e) {
+      // the lists are a convenience: without them the filters are free text
+    }
+    if (seq !== routeSeq) return;
     const count = h('span', { class: 'muted' });
     const compareBtn = h('button', { type: 'button', id: 'compare-btn', disabled: true, onclick: () => {
       location.hash = `#/compare?ids=${[...selected].join(',')}`;
     } }, 'Compare selected');
-    const select = (name, values) => h('select', { id: `filter-${name}`, onchange: (e) => {
-      filters[name] = e.target.value;
-      const q = new URLSearchParams(Object.entries(filters).filter(([, v]) => v));
-      location.hash = `#/${q.toString() ? `?${q}` : ''}`;
-    } }, h('option', { value: '' }, `any ${name}`), values.map((v) => h('option', { value: v, selected: v === filters[name] }, v)));
+    const select = (name, values) => (values.length ? h('select', { id: `filter-${name}`, 'aria-label': name,
+      onchange: (e) => { filters[name] = e.target.value; go(); } },
+    h('option', { value: '' }, `any ${name}`), values.map((v) => h('option', { value: v, selected: v === filters[name] }, v)))
+      : field(name, name, 'search'));
+    const field = (name, label, type) => h('input', { id: `filter-${name}`, type, 'aria-label': label, placeholder: label,
+      title: label, value: filters[name], onchange: (e) => { filters[name] = e.target.value.trim(); go(); } });
     const holder = h('div', { id: 'jobs' }, h('p', { class: 'muted' }, 'Loading…'));
     app.replaceChildren(h('h1', {}, 'Jobs'),
-      h('div', { class: 'toolbar' }, select('status', STATUSES), select('kind', KINDS), compareBtn, count), holder);
+      h('div', { class: 'toolbar' }, select('status', STATUSES), select('kind', KINDS), select('method', methods),
+        select('dataset', datasets), field('tag', 'tag', 'search'), field('q', 'search id, note, tags', 'search'),
+        h('label', {}, 'from ', field('since', 'created on or after', 'date')),
+        h('label', {}, 'before ', field('until', 'created before', 'date'))),
+      h('div', { class: 'toolbar' }, compareBtn, count), holder);
 
     const updateCompare = () => {
       compareBtn.disabled = selected.size < 2;
@@ -359,9 +380,15 @@
 
     async function load() {
       const q = new URLSearchParams({ limit: '200' });
-      if (filters.status) q.set('status', filters.status);
-      if (filters.kind) q.set('kind', filters.kind);
-      const data = await getJSON(`/v1/jobs?${q}`);
+      for (const k of JOB_FILTERS) if (filters[k]) q.set(k, filters[k]);
+      let data;
+      try {
+        data = await getJSON(`/v1/jobs?${q}`);
+      } catch (e) {
+        // a filter the API refuses (422 naming it): say so instead of an empty list
+        if (seq === routeSeq) holder.replaceChildren(h('p', { class: 'error', id: 'jobs-error' }, String(e.message || e)));
+        return;
+      }
       if (seq !== routeSeq) return;
       count.textContent = `${data.items.length} of ${data.total} job(s), newest first; refreshed ${fmtTime(new Date().toISOString()).slice(11)}`;
       if (!data.items.length) {

@@ -272,3 +272,69 @@ def test_submit_and_clone_from_the_dashboard(chromium: str | None,  # noqa: F811
         bad_responses
     others = [p for p in problems if "status of 422" not in p]
     assert not others, others  # no CSP violation, no script error
+
+
+def test_the_job_list_filters_by_method_dataset_tag_text_and_date(chromium: str | None,  # noqa: F811
+                                                                  served: tuple[str, str, Client]) -> None:
+    url, token, client = served
+    if chromium is None:
+        pytest.skip("RE_SKIP_BROWSER=1: the browser part is skipped")
+    from playwright.sync_api import sync_playwright
+
+    small = {"members": 2, "epochs": 1, "train_subset": 500}
+    a = client.submit("train", {**small, "method": "pdd", "dataset": "mnist"}, tags=["sweep"], note="needle one")
+    b = client.submit("train", {**small, "method": "gal", "dataset": "fashion_mnist"}, tags=["sweep", "big"])
+    c = client.submit("train", {**small, "method": "pdd", "dataset": "fashion_mnist"}, note="other")
+    problems: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True)
+        context = browser.new_context()
+        context.add_init_script(f"window.localStorage.setItem('re_api_token', {json.dumps(token)});")
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        page.on("console", lambda m: problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+
+        def shown() -> set[str]:
+            page.wait_for_selector("#jobs-table, #jobs .muted, #jobs-error")
+            return set(page.locator("#jobs-table tbody tr").evaluate_all("rs => rs.map((r) => r.dataset.jobId)"))
+
+        def expect(ids: set[str]) -> None:
+            deadline = time.monotonic() + 20
+            while shown() != ids:
+                assert time.monotonic() < deadline, (shown(), ids)
+                time.sleep(0.2)
+
+        page.goto(f"{url}/ui/")
+        page.wait_for_selector("body[data-ready]", state="attached")
+        expect({a["id"], b["id"], c["id"]})
+        # the method and data-set lists come from the registry; choosing one goes into the address and the query
+        assert "dverge" in page.locator("#filter-method option").all_inner_texts()
+        page.select_option("#filter-method", "pdd")
+        expect({a["id"], c["id"]})
+        assert "method=pdd" in page.url
+        page.select_option("#filter-dataset", "fashion_mnist")
+        expect({c["id"]})
+        page.select_option("#filter-method", "")
+        expect({b["id"], c["id"]})
+        page.fill("#filter-tag", "sweep")
+        page.press("#filter-tag", "Enter")
+        expect({b["id"]})
+        # a reload keeps the filters (they live in the address)
+        page.reload()
+        expect({b["id"]})
+        assert page.input_value("#filter-tag") == "sweep" and page.input_value("#filter-dataset") == "fashion_mnist"
+        # free text over id, note and tags; then dates: every job was created today
+        page.goto(f"{url}/ui/#/?q=needle")
+        expect({a["id"]})
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        page.goto(f"{url}/ui/#/?since={today}")
+        expect({a["id"], b["id"], c["id"]})
+        page.goto(f"{url}/ui/#/?until={today}")
+        expect(set())
+        # a filter the API refuses (until before since) shows the API's message instead of an empty list
+        page.goto(f"{url}/ui/#/?since={today}&until=2000-01-01")
+        page.wait_for_selector("#jobs-error")
+        assert "until" in page.inner_text("#jobs-error")
+        browser.close()
+    assert [p for p in problems if "422" not in p] == [], problems
