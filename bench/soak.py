@@ -183,7 +183,8 @@ class Soak:
         self.data_dir = self.root / "data"
         self.log_dir = self.root / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.rng = random.Random(cfg.seed)
+        self.rng = random.Random(cfg.seed)  # the chaos loop's and the API choice's
+        self.stream_rng = random.Random(cfg.seed + 1)  # the job stream's own, so it does not depend on timing
         self.log = SoakLog()
         self.t0 = time.monotonic()
         self.lock = threading.Lock()
@@ -306,9 +307,12 @@ class Soak:
     def _next_job(self, n: int) -> dict[str, Any]:
         seed = self.cfg.seed * 1000 + n
         trains = [j for j, k in self.log.kinds.items() if k == "train"]
-        roll = self.rng.random()
+        roll = self.stream_rng.random()
+        if n < 2:  # the first two are train jobs: the chaos loop's kills need runs to hit
+            return {"kind": "train", "spec": {**TRAIN, "seed": seed}}
         if roll < 0.15 and trains:
-            return {"kind": "evaluate", "spec": {**EVALUATE, "target_job": self.rng.choice(trains), "seed": seed}}
+            return {"kind": "evaluate", "spec": {**EVALUATE, "target_job": self.stream_rng.choice(trains),
+                                                 "seed": seed}}
         if roll < 0.25:
             return {"kind": "tune", "spec": {**TUNE, "base": {**TRAIN, "epochs": 2, "train_subset": 1024},
                                              "seed": seed}}
@@ -327,7 +331,7 @@ class Soak:
                 with self.lock:
                     self.log.submitted[key] = job["id"]
                     self.log.kinds[job["id"]] = body["kind"]
-                if self.rng.random() < 0.2:  # an idempotent replay: must return the same job
+                if self.stream_rng.random() < 0.2:  # an idempotent replay: must return the same job
                     again = self._post(body, key)
                     with self.lock:
                         self.log.replays += 1
