@@ -23,6 +23,7 @@ MAX_WORKERS = 64
 MAX_EXAMPLES = 1_000_000  # train_subset: larger than every supported training split
 MAX_TRIALS = 1024  # a search's trials: num_samples x the grid's combinations
 MAX_SEARCH_KEYS = 32
+MAX_OBJECTIVES = 4  # metrics of a multi-objective search
 MAX_SEARCH_VALUES = 256
 SEARCH_BOUND = 1e12  # |low|, |high| of a search domain
 
@@ -404,10 +405,23 @@ class TuneSpec(StrictModel):
     base: dict[str, Any] = Field(description="a train spec; searched keys override it")
     search_space: dict[str, SearchDomain] = Field(max_length=MAX_SEARCH_KEYS)
     num_samples: int = Field(4, ge=1, le=256)
-    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
-    search_alg: Literal["random", "grid"] = "random"
-    metric: str = "val_clean_acc"
+    scheduler: Literal["asha", "pbt", "fifo"] = Field(
+        "asha", description="asha: early stopping; pbt: population-based training (not with optuna); fifo: "
+                "every trial runs to the end (the default, and the only choice, with 'metrics')")
+    search_alg: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random sampling, the grid of choice/grid values, or Optuna's TPE sampler "
+                              "(seeded with 'seed'; needs the optuna package on the workers)")
+    metric: str = Field("val_clean_acc", description="the metric that selects the best trial (with "
+                                                     "'metrics': one of them, by default the first)")
     mode: Literal["max", "min"] = "max"
+    metrics: list[str] | None = Field(
+        None, min_length=2, max_length=MAX_OBJECTIVES,
+        description="multi-objective search (search_alg 'optuna', scheduler 'fifo'): the metrics Optuna "
+                    "optimises together, e.g. ['val_clean_acc', 'val_robust_acc']; the result has their "
+                    "Pareto front")
+    modes: list[Literal["max", "min"]] | None = Field(
+        None, min_length=2, max_length=MAX_OBJECTIVES,
+        description="'max' or 'min' for each of 'metrics' (default: 'max' for each)")
     max_concurrent_trials: int = Field(2, ge=1, le=64)
     grace_period: int = Field(1, ge=1, le=1000)
     reduction_factor: int = Field(2, ge=2, le=16)
@@ -427,9 +441,24 @@ class TuneSpec(StrictModel):
     @classmethod
     def _robust_default(cls, data: Any) -> Any:
         """Selecting on robust accuracy switches the per-epoch attack on with its defaults."""
-        if isinstance(data, dict) and data.get("robust") is None:
-            weights = data.get("objective") or {}
-            if data.get("metric") == "val_robust_acc" or "val_robust_acc" in weights:
+        if not isinstance(data, dict):
+            return data
+        metrics = data.get("metrics")
+        if isinstance(metrics, list) and metrics and all(isinstance(m, str) for m in metrics):
+            # a multi-objective search: Optuna's front needs every trial to run to the end (FIFO), and
+            # the best trial is picked on the first metric unless 'metric' names another
+            modes = data.get("modes")
+            data = {**data, "scheduler": data.get("scheduler", "fifo"),
+                    "modes": modes if modes is not None or len(metrics) < 2 else ["max"] * len(metrics)}
+            if "metric" not in data:
+                data["metric"] = metrics[0]
+                if "mode" not in data and isinstance(data["modes"], list) and data["modes"]:
+                    data["mode"] = data["modes"][0]
+        if data.get("robust") is None:
+            weights = data.get("objective")
+            wanted = [data.get("metric"), *(weights if isinstance(weights, dict) else []),
+                      *(metrics if isinstance(metrics, list) else [])]
+            if "val_robust_acc" in wanted:
                 data = {**data, "robust": {}}
         return data
 
@@ -501,6 +530,15 @@ class TuneSpec(StrictModel):
         elif self.metric == "objective":
             raise ValueError("objective: metric 'objective' needs weights, e.g. {'val_clean_acc': 0.5, "
                              "'val_robust_acc': 0.5}")
+        if self.metrics is not None:
+            self._check_objectives()
+        if self.search_alg == "optuna":
+            grids = [k for k, d in self.search_space.items() if d.type == "grid"]
+            if grids:
+                raise ValueError(f"search_alg: Optuna samples its values; {grids[0]!r} is a grid: use choice")
+            if self.scheduler == "pbt":
+                raise ValueError("scheduler: PBT mutates the trials' values itself and cannot run with Optuna's "
+                                 "search: use 'asha' or 'fifo'")
         if self.search_alg == "grid":
             not_grid = [k for k, d in self.search_space.items() if d.type not in ("grid", "choice")]
             if not_grid:
@@ -518,6 +556,36 @@ class TuneSpec(StrictModel):
             raise ValueError(f"val_size: {self.val_size} must be smaller than the {self.base['dataset']} "
                              f"training split ({size})")
         return self
+
+    def _check_objectives(self) -> None:
+        metrics, modes = self.metrics or [], self.modes or []
+        for name in metrics:
+            problem = ("'objective' is a weighted sum for a single-metric search; list the metrics themselves"
+                       if name == "objective" else _tune_metric_problem(name))
+            if problem:
+                raise ValueError(f"metrics: {problem}")
+        if len(set(metrics)) != len(metrics):
+            raise ValueError(f"metrics: each metric once, got {metrics}")
+        if len(modes) != len(metrics):
+            raise ValueError(f"modes: one mode per metric: {len(metrics)} metric(s), {len(modes)} mode(s)")
+        if self.search_alg != "optuna":
+            raise ValueError(f"search_alg: a multi-objective search ('metrics') needs 'optuna', not "
+                             f"{self.search_alg!r}")
+        if self.scheduler != "fifo":
+            raise ValueError(f"scheduler: {self.scheduler!r} stops or clones trials on a single metric; a "
+                             f"multi-objective search runs every trial to the end: use 'fifo' (the default "
+                             f"with 'metrics')")
+        if self.metric not in metrics:
+            raise ValueError(f"metric: the best trial is picked on one of the metrics {metrics}, not "
+                             f"{self.metric!r}")
+        if self.mode != modes[metrics.index(self.metric)]:
+            raise ValueError(f"mode: {self.metric!r} is '{modes[metrics.index(self.metric)]}' in 'modes'")
+
+    def objectives(self) -> tuple[list[str], list[str]]:
+        """The metrics the search optimises and their modes: ``metrics``/``modes``, or ``[metric]``/``[mode]``."""
+        if self.metrics:
+            return list(self.metrics), list(self.modes or ["max"] * len(self.metrics))
+        return [self.metric], [self.mode]
 
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,10 +1,15 @@
-"""Routes specific to tune jobs: start a full train job from a finished search's best configuration.
+"""Routes specific to tune jobs: start a full train job from a finished search's best configuration,
+and read a multi-objective search's Pareto front.
 
 ``POST /v1/jobs/{job_id}/train-best`` reads the tune job's result (``best.train_spec``: the search's
 base train spec with the best trial's values, written by :mod:`workers.ray_tune`), applies optional
 ``overrides`` (e.g. more epochs, more workers), validates it like any train submission and queues it.
 The trials themselves are child jobs (``GET /v1/jobs/{job_id}/trials``); the best trial's checkpoint
 is the tune job's artifact ``best_trial.pt``.
+
+``GET /v1/jobs/{job_id}/pareto`` serves the Pareto front a multi-objective search (``metrics``) recorded
+in its result: the non-dominated trials with their configs and last metric values, the plot's artifact
+(``pareto_front.png``) and, for an Optuna search, the parameter importance of each objective.
 
 Wire it into the app with :func:`register_tune_routes` (no torch is imported here).
 """
@@ -24,6 +29,32 @@ from service.queue import IdempotencyConflict, Queue
 from service.submission import SpecError, validate_spec
 
 TRAIN_BEST_PATH = "/v1/jobs/{job_id}/train-best"
+PARETO_PATH = "/v1/jobs/{job_id}/pareto"
+
+
+class ParetoTrial(BaseModel):
+    trial_id: str
+    config: dict[str, Any] = Field(description="the trial's searched values")
+    values: dict[str, float] = Field(description="its last reported value of each metric")
+    epochs_done: int | None = None
+
+
+class ParetoFront(BaseModel):
+    """The non-dominated trials of a multi-objective search, on their last reported metric values."""
+
+    job_id: uuid.UUID
+    metrics: list[str]
+    modes: list[str]
+    trials: list[ParetoTrial] = Field(description="the front, best first on the first metric")
+    candidates: int = Field(description="trials compared (those that ran every epoch, if any did, and "
+                                        "reported every metric)")
+    excluded: list[str] = Field(description="trials left out: a metric missing, or unfinished")
+    plot: str | None = Field(description="artifact path of the PNG (every trial, the front joined), "
+                                         "or null when it could not be drawn")
+    plot_url: str | None = None
+    param_importance: dict[str, dict[str, float]] | None = Field(
+        None, description="Optuna's importance of each searched parameter, per metric")
+    param_importance_reason: str | None = Field(None, description="why there is no importance")
 
 
 class TrainFromBest(BaseModel):
@@ -115,5 +146,38 @@ def register_tune_routes(app: FastAPI, queue: Queue) -> None:
             response.headers["Idempotent-Replayed"] = "true"
         return {k: v for k, v in new.items() if k not in ("seq", "request_hash")}
 
+    @app.get(
+        PARETO_PATH,
+        response_model=ParetoFront,
+        tags=["results"],
+        responses={404: {"model": schemas.ErrorResponse}, 409: {"model": schemas.ErrorResponse}},
+    )
+    def pareto_front(job_id: uuid.UUID) -> dict[str, Any]:
+        """The Pareto front of a succeeded multi-objective tune job (``metrics`` in its spec).
 
-__all__ = ["TRAIN_BEST_PATH", "TrainFromBest", "merge_overrides", "register_tune_routes"]
+        409 when the job is not a tune job, has not succeeded, or searched on a single metric.
+        """
+        job = queue.get(job_id)  # the app's auth dependency already hid other owners' jobs (404)
+        if job["kind"] != "tune":
+            raise HTTPException(status_code=409,
+                                detail=f"job {job_id} is a {job['kind']} job; only a tune job has a Pareto front")
+        if job["status"] != "succeeded":
+            raise HTTPException(status_code=409,
+                                detail=f"tune job {job_id} is {job['status']}; its Pareto front is there once "
+                                       f"it succeeded")
+        result = queue.result(job_id) or {}
+        front = result.get("pareto_front")
+        if not isinstance(front, dict):
+            metric = (job.get("spec") or {}).get("metric")
+            raise HTTPException(status_code=409,
+                                detail=f"tune job {job_id} searched on one metric ({metric}); a Pareto front "
+                                       f"needs a multi-objective search ('metrics' with search_alg 'optuna')")
+        plot = front.get("plot")
+        return {**front, "job_id": job_id, "plot": plot,
+                "plot_url": f"/v1/jobs/{job_id}/artifacts/{plot}" if plot else None,
+                "param_importance": result.get("param_importance"),
+                "param_importance_reason": result.get("param_importance_reason")}
+
+
+__all__ = ["PARETO_PATH", "TRAIN_BEST_PATH", "ParetoFront", "TrainFromBest", "merge_overrides",
+           "register_tune_routes"]

@@ -40,6 +40,7 @@ from workers.ray_common import (
     ensure_ray,
     torch_threads_for,
 )
+from workers.tune_analysis import PARETO_PLOT, front_of_trials, param_importance, plot_pareto_front
 
 STATE_FILE = "state.pt"  # the one-file ensemble_core checkpoint inside each Tune checkpoint directory
 DEFAULT_ROBUST_EPS = {"mnist": 0.2, "fashion_mnist": 0.1, "cifar10": 8 / 255, "cifar100": 8 / 255,
@@ -266,6 +267,40 @@ def param_space_for(ts: TuneSpec) -> dict[str, Any]:
     return {k: _domain(d, ts.search_alg == "grid") for k, d in ts.search_space.items()}
 
 
+def search_alg_for(ts: TuneSpec) -> Any:
+    """Tune's search algorithm for the spec: a seeded random/grid generator, or Optuna's TPE sampler.
+
+    Optuna is imported only here (a random search needs no optuna). A multi-objective search gives
+    Optuna the list of metrics and modes (Tune's own ``metric``/``mode`` stay unset, see
+    :func:`tune_metric_mode`). The concurrency limit is the generator's own, or a ``ConcurrencyLimiter``.
+    """
+    if ts.search_alg != "optuna":
+        from ray.tune.search import BasicVariantGenerator
+
+        # the generator itself enforces the concurrency (Tune ignores max_concurrent_trials next to a
+        # generator instance)
+        return BasicVariantGenerator(random_state=ts.seed, max_concurrent=ts.max_concurrent_trials)
+    try:
+        import optuna
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as e:
+        raise InfrastructureError(f"search_alg 'optuna' needs the optuna package on the worker: {e}") from e
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=ts.seed)
+    if ts.metrics:
+        metrics, modes = ts.objectives()
+        searcher = OptunaSearch(metric=metrics, mode=modes, sampler=sampler)
+    else:
+        searcher = OptunaSearch(sampler=sampler)  # Tune passes metric and mode
+    return ConcurrencyLimiter(searcher, max_concurrent=ts.max_concurrent_trials)
+
+
+def tune_metric_mode(ts: TuneSpec) -> tuple[str | None, str | None]:
+    """TuneConfig's metric and mode: the spec's, or none for a multi-objective search (Optuna has them)."""
+    return (None, None) if ts.metrics else (ts.metric, ts.mode)
+
+
 def scheduler_for(ts: TuneSpec, max_t: int) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
@@ -403,7 +438,10 @@ def run_tune_job(
     ``cancelled``, ``error``, ``first_reported_iteration``) on the caller's thread whenever something
     changed. A resumed search starts from the stored history, so the lists stay complete.
     Returns ``{"metrics", "best", "trials", "checkpoint"}``; ``best["train_spec"]`` is a full train
-    spec with the best values (the user's base, its own ``val_size``).
+    spec with the best values (the user's base, its own ``val_size``). A multi-objective search
+    (``metrics``) adds ``pareto_front`` (:func:`workers.tune_analysis.front_of_trials`, plotted as
+    ``pareto_front.png``) and picks ``best`` among the front's trials; an Optuna search adds
+    ``param_importance`` (``{metric: {param: importance}}``, or None with ``param_importance_reason``).
     """
     ts = validate_tune_spec(spec)
     if should_stop():
@@ -432,18 +470,17 @@ def run_tune_job(
             except Exception as e:  # noqa: BLE001 - the history is a convenience; the search goes on
                 log(f"could not read the earlier trial results: {type(e).__name__}: {e}")
         else:
-            from ray.tune.search import BasicVariantGenerator
-
-            log(f"starting a {ts.scheduler} search of {ts.base['method']} over {', '.join(ts.search_space)}: "
-                f"{total} epoch(s) per trial, metric {ts.metric} ({ts.mode})")
+            metrics, modes = ts.objectives()
+            log(f"starting a {ts.scheduler} {ts.search_alg} search of {ts.base['method']} over "
+                f"{', '.join(ts.search_space)}: {total} epoch(s) per trial, "
+                + (f"metric {ts.metric} ({ts.mode})" if not ts.metrics else
+                   "objectives " + ", ".join(f"{m} ({d})" for m, d in zip(metrics, modes, strict=True))))
+            metric, mode = tune_metric_mode(ts)
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space_for(ts),
                 tune_config=tune.TuneConfig(
-                    metric=ts.metric, mode=ts.mode, scheduler=scheduler_for(ts, total),
-                    # the generator itself enforces the concurrency (Tune ignores max_concurrent_trials
-                    # next to a generator instance)
-                    search_alg=BasicVariantGenerator(random_state=ts.seed, max_concurrent=ts.max_concurrent_trials),
+                    metric=metric, mode=mode, scheduler=scheduler_for(ts, total), search_alg=search_alg_for(ts),
                     num_samples=1 if ts.search_alg == "grid" else ts.num_samples),
                 run_config=tune.RunConfig(
                     name=str(job_id), storage_path=str(storage_path), callbacks=[_TrialEvents(str(job_id))],
@@ -474,7 +511,13 @@ def run_tune_job(
         raise InfrastructureError(f"Ray Tune failed: {type(error).__name__}: {error}") from error
     if grid is None:
         raise InfrastructureError("the search did not finish")
-    best = pick_best(list(grid), ts.metric, ts.mode, total)
+    results = list(grid)
+    front = None
+    if ts.metrics:  # the best trial is the front's best on ts.metric
+        front = front_of_trials(book.snapshot(), *ts.objectives(), total)
+        on_front = {t["trial_id"] for t in front["trials"]}
+        results = [r for r in results if str((r.metrics or {}).get("trial_id")) in on_front] or results
+    best = pick_best(results, ts.metric, ts.mode, total)
     if best is None:
         errors = [row["error"] for row in book.trials.values() if row["error"]]
         # the trials ran and failed (their own errors): a transient failure, charged to max_attempts
@@ -498,13 +541,38 @@ def run_tune_job(
     metrics = {f"best_{ts.metric}": best.metrics.get(ts.metric), "trials": len(trials),
                "trials_stopped_early": sum(1 for t in trials if t["stopped_early"]),
                "trials_failed": sum(1 for t in trials if t["status"] == "ERROR")}
+    extra = _search_summary(ts, trials, front, total, out_dir, log)
+    if front is not None:
+        metrics["pareto_front_size"] = len(front["trials"])
     record = {"metrics": metrics, "best": best_out, "trials": trials, "tune_spec": ts.resolved(),
-              "wall_time_s": time.monotonic() - t0}
+              "wall_time_s": time.monotonic() - t0, **extra}
     (out_dir / "tune_results.json").write_text(json.dumps(record, indent=2, default=str))
     log(f"search finished in {time.monotonic() - t0:.1f} s: best {ts.metric} {best_out['value']} with "
-        f"{best_config} ({metrics['trials_stopped_early']} of {len(trials)} trials stopped early)")
-    return {"metrics": metrics, "best": best_out, "trials": summary, "checkpoint": checkpoint_name}
+        f"{best_config} ({metrics['trials_stopped_early']} of {len(trials)} trials stopped early)"
+        + (f"; Pareto front of {len(front['trials'])} trial(s)" if front is not None else ""))
+    return {"metrics": metrics, "best": best_out, "trials": summary, "checkpoint": checkpoint_name, **extra}
+
+
+def _search_summary(ts: TuneSpec, trials: list[dict[str, Any]], front: dict[str, Any] | None, total: int,
+                    out_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The Pareto front (multi-objective; plotted as ``pareto_front.png``) and Optuna's parameter
+    importance (Optuna searches), for the job's result."""
+    out: dict[str, Any] = {}
+    if front is not None:
+        try:
+            plot_pareto_front(trials, front, out_dir / PARETO_PLOT)
+            front = {**front, "plot": PARETO_PLOT}
+        except Exception as e:  # noqa: BLE001 - the plot is a convenience; the front is in the result
+            log(f"could not plot the Pareto front: {type(e).__name__}: {e}")
+            front = {**front, "plot": None}
+        out["pareto_front"] = front
+    if ts.search_alg == "optuna":
+        imp = param_importance(trials, ts.search_space, *ts.objectives(), total)
+        if imp["param_importance"] is None:
+            log(f"no parameter importance: {imp['param_importance_reason']}")
+        out.update(imp)
+    return out
 
 
 __all__ = ["param_space_for", "pick_best", "robust_val_accuracy", "run_tune_job", "scheduler_for",
-           "total_iterations", "validate_tune_spec"]
+           "search_alg_for", "total_iterations", "tune_metric_mode", "validate_tune_spec"]

@@ -139,7 +139,7 @@ def test_the_api_starts_without_importing_torch(tmp_path: Path) -> None:
         "from service.settings import Settings\n"
         f"app = create_app(Settings(data_dir=Path({str(tmp_path)!r}), database_url='postgresql://u@/d'), warm=False)\n"
         "assert app.openapi()['paths']\n"
-        "print(sorted(m for m in ('torch', 'ray', 'ensemble_core.methods.base') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'ray', 'optuna', 'ensemble_core.methods.base') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
