@@ -1,7 +1,7 @@
 """The workers' housekeeping thread end to end: a real :class:`Worker` (its housekeeping thread on), real Ray
 Train runs, real PostgreSQL, the API in-process and a webhook receiver on 127.0.0.1.
 
-One worker runs a low-priority 4-epoch train job; a high-priority job arrives and waits. The housekeeping thread
+One worker runs a low-priority 6-epoch train job; a high-priority job arrives and waits. The housekeeping thread
 (``preempt_after_seconds`` = 2) asks the run to stop at its next epoch checkpoint; the job goes back to the queue
 (``preempted``, its attempt not charged), the worker takes the waiting job, then resumes the first one from its
 checkpoint. The same thread delivers the owner's webhook events, signed, for both jobs (``docs/webhooks.md``).
@@ -31,7 +31,7 @@ from workers.worker import Worker
 pytestmark = pytest.mark.integration
 
 TRAIN: dict[str, Any] = {"method": "baseline", "dataset": "mnist", "architecture": "lenet5", "members": 2,
-                         "epochs": 4, "batch_size": 64, "train_subset": 2048, "eval_subset": 200, "workers": 1,
+                         "epochs": 6, "batch_size": 64, "train_subset": 2048, "eval_subset": 200, "workers": 1,
                          "seed": 11}
 EPOCH_LINE = re.compile(r"^stage (\d+) epoch (\d+) ")
 
@@ -77,8 +77,9 @@ def test_a_waiting_job_preempts_a_lower_priority_run_at_its_checkpoint_and_hooks
         thread = threading.Thread(target=worker.run, name="housekeeping-e2e-worker", daemon=True)
         thread.start()
         try:
-            wait("the low-priority run logs its first epoch",
-                 lambda: any(EPOCH_LINE.match(x["line"]) for x in lines(low)), 300)
+            # the waiting job arrives as soon as the run has started: its preemption request (after 2 s of waiting)
+            # then reaches the run well before its last epoch, however fast the epochs or the log shipping are
+            wait("the low-priority job starts", lambda: job(low)["status"] == "running", 300)
             high = client.post("/v1/jobs", headers=h, json={"kind": "train", "spec": {**TRAIN, "epochs": 1},
                                                              "priority": 10}).json()["id"]
             wait("both jobs succeed", lambda: job(low)["status"] == job(high)["status"] == "succeeded", 600)
@@ -112,10 +113,10 @@ def test_a_waiting_job_preempts_a_lower_priority_run_at_its_checkpoint_and_hooks
         # the preempted run stopped at an epoch checkpoint and the next run resumed after it: no epoch twice
         text = [x["line"] for x in lines(low)]
         epochs = [(int(m.group(1)), int(m.group(2))) for x in text if (m := EPOCH_LINE.match(x))]
-        assert sorted(epochs) == [(1, e) for e in range(1, 5)], epochs
+        assert sorted(epochs) == [(1, e) for e in range(1, 7)], epochs
         assert any("preemption requested by a job of higher priority" in x for x in text), text
-        resumed = [int(m.group(1)) for x in text if (m := re.search(r"resuming at stage 1/1, epoch (\d+)/4", x))]
-        assert len(resumed) == 1 and 2 <= resumed[0] <= 4, (resumed, text)
+        resumed = [int(m.group(1)) for x in text if (m := re.search(r"resuming at stage 1/1, epoch (\d+)/6", x))]
+        assert len(resumed) == 1 and 2 <= resumed[0] <= 6, (resumed, text)
 
         for req in rx.requests:
             hd = {k.lower(): v for k, v in req["headers"].items()}
