@@ -26,6 +26,8 @@ def test_a_ci_sized_soak_loses_nothing_and_runs_nothing_twice() -> None:
     assert figures["jobs_lost"] == 0 and figures["jobs_run_twice_at_once"] == 0
     assert figures["jobs_not_terminal"] == 0 and figures["jobs_by_status"].get("succeeded") == figures["jobs"]
     # the faults that hit train jobs were recoveries, and each redid at most one epoch (checked per job)
-    assert figures["recoveries"] == 3 and figures["epochs_redone_total"] <= figures["recoveries"]
+    # (plus any lease a loaded machine let expire: reported, and each allowed its one epoch too)
+    assert figures["recoveries"] == 3 + figures["requeues_without_an_injected_fault"]
+    assert figures["epochs_redone_total"] <= figures["recoveries"]
     assert figures["checkpoints_verified"] == figures["jobs_by_kind"]["train"] >= 2
     assert figures["errors"] == [], figures["errors"]
