@@ -32,7 +32,8 @@ At the end, from ``job_events``, ``job_logs``, the artifacts and the answers, it
 
 Sizes (environment): ``RE_SOAK_WORKER_KILLS`` (default 20), ``RE_SOAK_RAY_KILLS`` (3), ``RE_SOAK_PG_RESTARTS``
 (3), ``RE_SOAK_API_KILLS`` (1), ``RE_SOAK_MINUTES`` (a bound on the chaos phase, default 60),
-``RE_SOAK_SEED`` (0). ``tests/reliability/test_soak.py`` runs it CI-sized (2 worker kills, 1 of each other).
+``RE_SOAK_SEED`` (0), ``RE_SOAK_IN_FLIGHT`` (3), ``RE_SOAK_DRAIN_MINUTES`` (20). ``tests/reliability/test_soak.py``
+runs it CI-sized (2 worker kills, 1 of each other), in a process of its own.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ class SoakConfig:
         e = os.environ
         return cls(worker_kills=int(e.get("RE_SOAK_WORKER_KILLS", 20)), ray_kills=int(e.get("RE_SOAK_RAY_KILLS", 3)),
                    pg_restarts=int(e.get("RE_SOAK_PG_RESTARTS", 3)), api_kills=int(e.get("RE_SOAK_API_KILLS", 1)),
-                   minutes=float(e.get("RE_SOAK_MINUTES", 60)), seed=int(e.get("RE_SOAK_SEED", 0)))
+                   minutes=float(e.get("RE_SOAK_MINUTES", 60)), seed=int(e.get("RE_SOAK_SEED", 0)),
+                   in_flight=int(e.get("RE_SOAK_IN_FLIGHT", 3)),
+                   drain_minutes=float(e.get("RE_SOAK_DRAIN_MINUTES", 20)))
 
 
 @dataclass
@@ -198,6 +201,11 @@ class Soak:
 
     # ------------------------------------------------------------------------------------- the stack
     def start(self) -> None:
+        import ray
+
+        if ray.is_initialized():  # its workers must reach a Ray this soak started, with its own private token
+            raise RuntimeError("the soak starts its own local Ray: run it in a process without one "
+                               "(python -m bench soak)")
         from service import migrate
         from service.auth import TokenStore
         from service.db import make_engine
