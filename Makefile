@@ -3,10 +3,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-APT_PACKAGES := postgresql dataset-fashion-mnist docker-compose chromium
+APT_PACKAGES := postgresql dataset-fashion-mnist docker.io docker-compose debootstrap chromium
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast test-unit demo bench lint compose-check clean
+.PHONY: install test test-fast test-unit demo bench lint compose-check cluster-test clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt requirements-nodeps.txt
 
 # pytest exits 5 when it collects nothing: that is a failure here, not a pass.
 test: install
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -p no:cacheprovider --durations=30 $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 # The fast tier: the unit tests and the quickest integration tests (real Postgres and the API, the built
@@ -51,6 +51,12 @@ bench: install
 compose-check:
 	docker-compose --env-file .env.example config -q
 	docker-compose --env-file .env.example --profile gpu config -q
+
+# The compose cluster built from this checkout and run for real (docker/cluster_test.py): base images from
+# Debian packages, the project image, a 2-worker DDP train job and an evaluate job over the published port,
+# a Ray worker node killed mid-training; torn down with its volumes. Starts dockerd if none runs (root).
+cluster-test: install
+	$(PY) docker/cluster_test.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -101,6 +102,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     ray.get(channel.register_worker.remote(rank, ray.get_runtime_context().current_actor))
+    # where each rank runs, in the job's log (the cluster test checks that a 2-worker run spans two nodes)
+    channel.push.remote("log", f"rank {rank} of {world} on host {socket.gethostname()}, "
+                               f"Ray node {ray.get_runtime_context().get_node_id()[:12]}")
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
 
     def stop_requested() -> bool:
