@@ -12,6 +12,10 @@ which epoch 1 is seen (by the REST client; by the loop itself for the bare train
 own step time (``epoch_time_s``). What remains is the start-up before the first step plus the epoch's
 selection-subset evaluation (the same work on both sides) plus, for the service, its reporting path
 (checkpoint report, channel, database, polling) — which is part of the overhead being measured.
+
+The warm rows run the service with ``RE_WARM_TRAIN=1`` (workers/warm.py): two jobs in a row on one worker,
+the first on a new warm actor, the second on the same actor, reused (issue "Warm start": first step within
+5 s of ``POST /v1/jobs``).
 """
 
 from __future__ import annotations
@@ -87,50 +91,64 @@ def bare(spec: dict[str, Any]) -> dict[str, Any]:
             **startup_figures(m["first_epoch_wall"] - t0, m["first_epoch_steps_s"], total)}
 
 
-def service(spec: dict[str, Any], url: str, data_dir: Path) -> dict[str, Any]:
-    """POST the job to the real API with a real worker; poll until epoch 1 is visible and until it ends."""
+def service(spec: dict[str, Any], url: str, data_dir: Path, *, warm: bool = False) -> list[dict[str, Any]]:
+    """POST the job to the real API with a real worker; poll until epoch 1 is visible and until it ends.
+
+    Cold: one job on Ray Train. Warm: two jobs in a row with ``RE_WARM_TRAIN=1``. One row per job."""
     from fastapi.testclient import TestClient
 
     from service import migrate
     from service.app import create_app
     from service.settings import Settings
+    from workers.warm import release_idle
     from workers.worker import Worker
 
     migrate.upgrade(url)
     settings = Settings(data_dir=data_dir, database_url=url)
     app = create_app(settings, warm=False)
     worker = Worker(settings)
+    old_env = os.environ.get("RE_WARM_TRAIN")
+    os.environ["RE_WARM_TRAIN"] = "1" if warm else "0"
     thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
     thread.start()
+    labels = ["service warm, new actor", "service warm, reused actor"] if warm else ["service POST /v1/jobs"]
+    rows = []
     try:
         with TestClient(app) as client:
-            time.sleep(1.0)  # the worker is idle and listening, as in a running deployment
-            t0 = time.perf_counter()
-            r = client.post("/v1/jobs", json={"kind": "train", "spec": spec})
-            r.raise_for_status()
-            jid = r.json()["id"]
-            first = None
-            while True:
-                job = client.get(f"/v1/jobs/{jid}").json()
-                now = time.perf_counter() - t0
-                if first is None and (job.get("epoch") or 0) >= 1:
-                    first = now
-                if job["status"] in ("succeeded", "failed", "cancelled"):
-                    total = now
-                    break
-                if now > 900:
-                    raise TimeoutError(f"job {jid} not done after 900 s: {job}")
-                time.sleep(0.05)
-            if job["status"] != "succeeded":
-                raise RuntimeError(f"service job ended {job['status']}: {job.get('error')}")
-            items = client.get(f"/v1/jobs/{jid}/metrics", params={"name": "epoch_time_s"}).json()["items"]
-            steps_s = next(float(p["value"]) for p in items if int(p["step"]) == 1)
+            for label in labels:
+                time.sleep(1.0)  # the worker is idle and listening, as in a running deployment
+                t0 = time.perf_counter()
+                r = client.post("/v1/jobs", json={"kind": "train", "spec": spec})
+                r.raise_for_status()
+                jid = r.json()["id"]
+                first = None
+                while True:
+                    job = client.get(f"/v1/jobs/{jid}").json()
+                    now = time.perf_counter() - t0
+                    if first is None and (job.get("epoch") or 0) >= 1:
+                        first = now
+                    if job["status"] in ("succeeded", "failed", "cancelled"):
+                        total = now
+                        break
+                    if now > 900:
+                        raise TimeoutError(f"job {jid} not done after 900 s: {job}")
+                    time.sleep(0.05)
+                if job["status"] != "succeeded":
+                    raise RuntimeError(f"service job ended {job['status']}: {job.get('error')}")
+                items = client.get(f"/v1/jobs/{jid}/metrics", params={"name": "epoch_time_s"}).json()["items"]
+                steps_s = next(float(p["value"]) for p in items if int(p["step"]) == 1)
+                assert first is not None
+                rows.append({"path": label, "first_epoch_seen_s": first, "first_epoch_steps_s": steps_s,
+                             "total_s": total, **startup_figures(first, steps_s, total)})
     finally:
         worker.stop()
         thread.join(60)
-    assert first is not None
-    return {"path": "service POST /v1/jobs", "first_epoch_seen_s": first, "first_epoch_steps_s": steps_s,
-            "total_s": total, **startup_figures(first, steps_s, total)}
+        release_idle()
+        if old_env is None:
+            os.environ.pop("RE_WARM_TRAIN", None)
+        else:
+            os.environ["RE_WARM_TRAIN"] = old_env
+    return rows
 
 
 def run(spec: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -139,19 +157,23 @@ def run(spec: dict[str, Any] | None = None) -> dict[str, Any]:
     data_dir = Path(tempfile.mkdtemp(prefix="re-bench-svc-"))
     try:
         with private_ray(num_cpus=2), embedded_postgres() as url:
-            svc = service(spec, url, data_dir)
+            svc, = service(spec, url, data_dir)
             bare_row = bare(spec)
+            warm_rows = service(spec, url, data_dir, warm=True)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     ratio = svc["to_first_step_s"] / bare_row["to_first_step_s"]
     print(header(f"service overhead: POST /v1/jobs -> first step vs bare TorchTrainer.fit() -> first step "
                  f"({spec['members']} x {spec['architecture']}, {spec['epochs']} epochs of "
                  f"{spec['train_subset'] // spec['batch_size']} steps, 1 Ray Train worker)", load0))
-    rows = [svc, bare_row]
+    rows = [svc, bare_row, *warm_rows]
     print(table(rows, ["path", "first_epoch_seen_s", "first_epoch_steps_s", "to_first_step_s", "total_s",
                        "startup_share"]))
+    warm_ratio = warm_rows[1]["to_first_step_s"] / svc["to_first_step_s"]
     print(f"time to first step, service / bare: {ratio:.3f}; start-up share of the small job: service "
           f"{svc['startup_share']:.1%}, bare {bare_row['startup_share']:.1%}")
-    result = {"spec": spec, "rows": rows, "ratio_service_over_bare": ratio}
+    print(f"time to first step, warm (reused actor) / cold service: {warm_ratio:.3f} "
+          f"({warm_rows[1]['to_first_step_s']:.1f} s; target: within 5 s)")
+    result = {"spec": spec, "rows": rows, "ratio_service_over_bare": ratio, "ratio_warm_over_cold": warm_ratio}
     save("service-overhead", result, load0)
     return result

@@ -161,6 +161,9 @@ def _run_sharded(spec: EvaluateSpec, checkpoints: dict[str, str | None], shards:
     from workers.ray_common import JobChannel, cpus_per_worker, ensure_ray, torch_threads_for
 
     ensure_ray()
+    from workers.warm import release_idle
+
+    release_idle()  # an idle warm trainer (workers/warm.py) holds a core this run may need
     cpus = cpus_per_worker()
     options: dict[str, Any] = {"num_cpus": cpus, "max_retries": 2}
     if spec.use_gpu:

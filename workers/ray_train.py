@@ -20,6 +20,9 @@ Run state, resume and failures:
 - Spec and data problems become :class:`workers.errors.UserError`: the spec is validated before
   anything starts, and a ``ValueError`` / ``DataUnavailableError`` raised while a worker sets the
   run up (before the first training step) is reported through the channel and ends the run at once.
+
+With ``RE_WARM_TRAIN=1`` a one-worker job runs instead on a warm actor kept between jobs
+(:mod:`workers.warm`), under the same contract; either path resumes from the other's checkpoints.
 """
 
 from __future__ import annotations
@@ -130,6 +133,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume_state = load_checkpoint(Path(d) / STATE_FILE)
+    elif config.get("fallback_resume"):  # the job's earlier attempt ran on the warm path (workers/warm.py)
+        resume_state = load_checkpoint(config["fallback_resume"])
+        log(f"resuming from the warm path's state {Path(config['fallback_resume']).name}")
 
     phase = {"setup": True}
 
@@ -217,17 +223,28 @@ def run_train_job(
     :class:`JobPreempted` is raised; the next call resumes from that checkpoint. A run that finished meanwhile
     returns as usual.
     """
+    from workers.warm import newest_state, release_idle, warm_enabled
+
     ts = validate_train_spec(spec)
     if should_stop():
         raise JobCancelled("cancelled before the run started")
     ensure_ray()
     out_dir = Path(artifacts_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    if ts.workers == 1 and warm_enabled():
+        state_path = _run_warm(ts, job_id=job_id, storage_path=storage_path, on_epoch=on_epoch,
+                               should_stop=should_stop, log=log, max_failures=max_failures,
+                               should_preempt=should_preempt)
+        return _finish(state_path, out_dir, log, t0)
+    release_idle()  # an idle warm actor holds a core this run may need
     cpus = cpus_per_worker()
     channel = JobChannel.remote()
+    warm_state = newest_state(Path(storage_path) / str(job_id), warm_only=True)
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"spec": ts.resolved(), "channel": channel, "threads": torch_threads_for(cpus)},
+        train_loop_config={"spec": ts.resolved(), "channel": channel, "threads": torch_threads_for(cpus),
+                           "fallback_resume": str(warm_state) if warm_state is not None else None},
         scaling_config=scaling_config_for(ts, cpus),
         torch_config=torch_config_for(ts),
         run_config=RunConfig(
@@ -251,7 +268,6 @@ def run_train_job(
         elif kind == "user_error":
             state.user_error = state.user_error or payload
 
-    t0 = time.monotonic()
     log(f"starting Ray Train: {ts.workers} worker(s), {'GPU' if ts.use_gpu else 'CPU'}, run {job_id}")
     try:
         result, error, dstate = drive(
@@ -288,11 +304,16 @@ def run_train_job(
         raise RuntimeError("the Ray Train run ended without its final checkpoint")
 
     with result.checkpoint.as_directory() as d:
-        state_path = Path(d) / STATE_FILE
-        tmp = out_dir / ".ensemble.pt.tmp"
-        shutil.copyfile(state_path, tmp)
-        tmp.replace(out_dir / "ensemble.pt")
+        return _finish(Path(d) / STATE_FILE, out_dir, log, t0)
+
+
+def _finish(state_path: Path, out_dir: Path, log: Callable[[str], None], t0: float) -> dict[str, Any]:
+    """Copy the final state to ``ensemble.pt``, write ``results.json``; the run's metrics and results."""
     from ensemble_core.checkpoint import load_checkpoint
+
+    tmp = out_dir / ".ensemble.pt.tmp"
+    shutil.copyfile(state_path, tmp)
+    tmp.replace(out_dir / "ensemble.pt")
 
     state = load_checkpoint(out_dir / "ensemble.pt")
     results = json.loads(state["results"])
@@ -303,6 +324,71 @@ def run_train_job(
     log(f"finished in {time.monotonic() - t0:.1f} s: "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "member" not in k))
     return {"metrics": metrics, "results": {**results, "history": history}}
+
+
+def _run_warm(ts: TrainSpec, *, job_id: str, storage_path: str, on_epoch: Callable[[dict[str, Any]], None],
+              should_stop: Callable[[], bool], log: Callable[[str], None], max_failures: int,
+              should_preempt: Callable[[], bool] | None) -> Path:
+    """Run a one-worker job on a warm actor (workers/warm.py); the path of its final state.
+
+    Raises what the cold path raises: :class:`JobCancelled`, :class:`JobPreempted`, :class:`UserError`, and
+    :class:`InfrastructureError` when the actor died more than ``max_failures`` times in this attempt.
+    """
+    import uuid
+
+    from workers.warm import POOL, _kill
+
+    cpus = cpus_per_worker()
+    run_dir = str(Path(storage_path) / str(job_id))
+    failures = 0
+    preempt: dict[str, Any] = {"at": None}
+
+    def handle(kind: str, payload: Any, state: DriveState) -> None:
+        if kind == "epoch":
+            on_epoch(payload)
+            if preempt["at"] is None and should_preempt is not None and should_preempt():
+                preempt["at"] = payload.get("global_epoch") or payload.get("epoch")
+                state.stop_reason = state.stop_reason or "preempt"
+        elif kind == "log":
+            log(payload)
+
+    while True:
+        t_acquire = time.monotonic()
+        actor, reused = POOL.acquire(cpus, ts.use_gpu)
+        key = f"{job_id}-{uuid.uuid4().hex[:8]}"
+        log(f"starting on a warm trainer ({'reused' if reused else 'new'}, "
+            f"{time.monotonic() - t_acquire:.2f} s to acquire), run {job_id}")
+        result, error, dstate = drive(
+            lambda a=actor, k=key: ray.get(a.run.remote(ts.resolved(), k, run_dir, torch_threads_for(cpus))),
+            drain=lambda a=actor, k=key: ray.get(a.drain.remote(k), timeout=30), handle=handle,
+            should_stop=lambda: preempt["at"] is not None or should_stop(),
+            request_stop=lambda r, a=actor, k=key: ray.get(a.request_stop.remote(k, r), timeout=30),
+            force_stop=lambda a=actor: _kill(a), log=log, grace_s=STOP_GRACE_S)
+        if error is None and not dstate.forced and result is not None:
+            POOL.release(actor, cpus, ts.use_gpu)
+        else:
+            _kill(actor)
+        if result is not None and result.get("user_error"):
+            raise UserError(result["user_error"])
+        if dstate.stop_reason == "cancel":
+            raise JobCancelled("cancelled on the warm trainer")
+        finished = result is not None and bool(result.get("finished"))
+        if dstate.stop_reason == "preempt" and not finished:
+            raise JobPreempted(f"stopped after the checkpoint of epoch {preempt['at']}")
+        if isinstance(error, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+            failures += 1
+            if failures > max_failures:
+                raise InfrastructureError(f"the warm trainer died {failures} times: {error}") from error
+            log(f"the warm trainer died ({type(error).__name__}); resuming from the last checkpoint on a new one "
+                f"({failures} of {max_failures} restarts)")
+            continue
+        if isinstance(error, ray.exceptions.RayTaskError):
+            raise RuntimeError(f"training failed on the warm trainer: {error.cause!r}") from error
+        if error is not None:
+            raise error
+        if not finished:
+            raise RuntimeError(f"the warm run ended without its final state: {result}")
+        return Path(result["state_path"])
 
 
 __all__ = ["STATE_FILE", "run_train_job", "scaling_config_for", "torch_config_for", "validate_train_spec"]

@@ -447,6 +447,9 @@ def run_tune_job(
     if should_stop():
         raise JobCancelled("cancelled before the search started")
     ensure_ray()
+    from workers.warm import release_idle
+
+    release_idle()  # an idle warm trainer (workers/warm.py) holds a core this run may need
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SNAPSHOT_S)  # read by Tune's controller
     out_dir = Path(artifacts_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,276 @@
+"""Warm single-worker training (issue "Warm start"): one long-lived Ray actor per job-worker process.
+
+A one-worker train job on the cold path pays, before its first step, for Ray Train's controller, a new
+worker-group process, ``import torch`` and ``ray.train.torch`` in it, and the data set's decoding, every
+time (docs/benchmarks.md, "Service overhead"). Here a :class:`WarmTrainer` actor, created once per
+job-worker process and kept while jobs keep coming, runs the same training loop
+(:func:`ensemble_core.training.train_ensemble`) for job after job: torch, the models' code and the decoded
+data sets (``ensemble_core.data`` caches them per process) stay loaded.
+
+The contract of the cold path (docs/reliability.md) holds on this path too:
+
+- **Checkpoint and resume.** Every epoch the actor writes the one-file state of :mod:`ensemble_core.checkpoint`
+  atomically under ``<storage>/<job id>/warm/`` *before* the epoch is reported, so an epoch the caller sees
+  is an epoch on disk. A re-run of the job (a new attempt, on any worker) resumes from the newest state of
+  that folder or, where the job began on the cold path, from Ray Train's newest checkpoint of the run
+  (``checkpoint_*/state.pt``), whichever was written last; the cold path falls back to the warm states the
+  same way (:func:`newest_state`).
+- **Cancel within seconds.** The caller's stop request is a call on the actor (it serves a few calls at once);
+  the loop reads it between steps. An actor that does not stop within the grace period is killed.
+- **Failures.** An actor that dies mid-run (OOM, a killed process) is replaced and the run resumes from its
+  last state, up to ``max_failures`` times within the attempt, as Ray Train's ``FailureConfig`` does; then
+  the attempt fails as an infrastructure failure and the job is re-leased. The actor is owned by the job
+  worker's process, so it dies with it: a worker whose lease was taken over cannot go on training beside
+  the next attempt.
+- **Resources.** The actor reserves the cores (and the GPU) of one Ray Train worker for as long as it lives.
+  An idle actor is killed after ``RE_WARM_IDLE_SECONDS`` (default 120) and before this process starts any
+  run that needs Ray's resources otherwise (a DDP job, a Tune search, a sharded evaluation:
+  :func:`release_idle`).
+
+Multi-worker DDP jobs keep Ray Train's ``TorchTrainer`` (workers/ray_train.py). The warm path is off unless
+``RE_WARM_TRAIN=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+WARM_ENV = "RE_WARM_TRAIN"
+IDLE_ENV = "RE_WARM_IDLE_SECONDS"
+DEFAULT_IDLE_S = 120.0
+WARM_DIR = "warm"  # under <storage>/<job id>/
+KEEP_STATES = 2
+
+
+def warm_enabled() -> bool:
+    """Whether one-worker train jobs run on a warm actor (``RE_WARM_TRAIN``: 1/true/yes/on)."""
+    return os.environ.get(WARM_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def idle_seconds() -> float:
+    raw = os.environ.get(IDLE_ENV, "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_IDLE_S
+    except ValueError as e:
+        raise ValueError(f"{IDLE_ENV} must be a number of seconds, got {raw!r}") from e
+    if value < 0:
+        raise ValueError(f"{IDLE_ENV} must not be negative, got {raw!r}")
+    return value
+
+
+def newest_state(run_dir: str | Path, *, warm_only: bool = False) -> Path | None:
+    """The state file written last in a run's folder: the warm path's epoch states or (unless ``warm_only``)
+    Ray Train's checkpoints; None when there is none."""
+    run_dir = Path(run_dir)
+    found = list((run_dir / WARM_DIR).glob("epoch-*.pt"))
+    if not warm_only:
+        found += run_dir.glob("checkpoint_*/state.pt")
+    found = [p for p in found if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def _write_state(state: dict[str, Any], path: Path) -> None:
+    from ensemble_core.checkpoint import save_checkpoint
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_checkpoint(state, tmp)
+    tmp.replace(path)
+
+
+@ray.remote(max_concurrency=4)  # run() on one thread; stop requests, event drains and pings on the others
+class WarmTrainer:
+    """A process that keeps torch, the training code and the decoded data sets loaded between jobs."""
+
+    def __init__(self) -> None:
+        import torch  # noqa: F401 - the point of the actor: imported once
+
+        import ensemble_core.training  # noqa: F401
+
+        self._lock = threading.Lock()
+        self._events: dict[str, list[tuple[str, Any]]] = {}
+        self._stop: dict[str, str] = {}
+        self.jobs = 0
+        self.started = time.time()
+
+    def ping(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "jobs": self.jobs, "host": socket.gethostname()}
+
+    # -- the caller's side of a run: events out, a stop request in
+    def push(self, run: str, kind: str, payload: Any) -> None:
+        with self._lock:
+            self._events.setdefault(run, []).append((kind, payload))
+
+    def drain(self, run: str) -> list[tuple[str, Any]]:
+        with self._lock:
+            events, self._events[run] = self._events.get(run, []), []
+        return events
+
+    def request_stop(self, run: str, reason: str) -> None:
+        with self._lock:
+            self._stop.setdefault(run, reason)
+
+    def run(self, spec: dict[str, Any], run: str, run_dir: str, threads: int) -> dict[str, Any]:
+        """Train ``spec`` (resolved) for run ``run``, resuming from the newest state in ``run_dir``.
+
+        Returns ``{"finished": True, "state_path": ...}``, ``{"stopped": True}`` or ``{"user_error": ...}``.
+        """
+        import torch
+        from pydantic import ValidationError
+
+        from ensemble_core.checkpoint import load_checkpoint
+        from ensemble_core.data import DataUnavailableError
+        from ensemble_core.spec import TrainSpec
+        from ensemble_core.training import TrainHooks, TrainingStopped, pick_device, train_ensemble
+        from workers.ray_common import describe_validation_error
+
+        t0 = time.perf_counter()
+        self.jobs += 1
+        # process-wide torch settings an earlier job may have changed
+        torch.set_num_threads(threads)
+        ts = TrainSpec.model_validate(spec)
+        torch.use_deterministic_algorithms(bool(ts.deterministic))
+        warm_dir = Path(run_dir) / WARM_DIR
+
+        def log(line: str) -> None:
+            self.push(run, "log", line)
+
+        def stop_requested() -> bool:
+            return run in self._stop
+
+        source = newest_state(run_dir)
+        resume_state = load_checkpoint(source) if source is not None else None
+        log(f"warm trainer on host {socket.gethostname()}, Ray node {ray.get_runtime_context().get_node_id()[:12]}, "
+            f"pid {os.getpid()}: job {self.jobs} of this process"
+            + (f", resuming from {source.parent.name}/{source.name}" if source is not None else ""))
+        phase = {"setup": True}
+
+        def wrap(net: torch.nn.Module, find_unused_parameters: bool) -> torch.nn.Module:
+            phase["setup"] = False  # the data, members and loader exist
+            log(f"set up in {time.perf_counter() - t0:.2f} s (warm process); first step next")
+            return net
+
+        def on_epoch_end(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+            if state is not None:
+                epoch = int(metrics.get("global_epoch") or metrics.get("epoch") or 0)
+                _write_state(state, warm_dir / f"epoch-{epoch:05d}.pt")
+                for old in sorted(warm_dir.glob("epoch-*.pt"))[:-KEEP_STATES]:
+                    old.unlink(missing_ok=True)
+            self.push(run, "epoch", metrics)  # after the write: an epoch the caller sees is on disk
+
+        hooks = TrainHooks(wrap=wrap, on_epoch_end=on_epoch_end, should_stop=stop_requested, log=log)
+        try:
+            if stop_requested():
+                return {"stopped": True}
+            result = train_ensemble(ts, device=pick_device(ts.use_gpu), rank=0, world_size=1,
+                                    resume_state=resume_state, hooks=hooks)
+        except TrainingStopped:
+            return {"stopped": True}
+        except (ValidationError, DataUnavailableError, ValueError) as e:
+            if not phase["setup"]:
+                raise
+            return {"user_error": describe_validation_error(e) if isinstance(e, ValidationError) else str(e)}
+        finally:
+            with self._lock:
+                self._stop.pop(run, None)
+        assert result.state is not None
+        final = warm_dir / "final.pt"
+        _write_state(result.state, final)
+        return {"finished": True, "state_path": str(final)}
+
+
+class WarmPool:
+    """This process's idle warm actors, keyed by the resources they hold; one job per actor at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[float, bool], list[tuple[Any, float]]] = {}
+        self._reaper: threading.Thread | None = None
+
+    def acquire(self, cpus: float, use_gpu: bool) -> tuple[Any, bool]:
+        """An actor holding ``cpus`` cores (and a GPU): an idle one that still answers, else a new one.
+        Returns ``(actor, reused)``."""
+        key = (cpus, use_gpu)
+        while True:
+            with self._lock:
+                idle = self._idle.get(key) or []
+                actor = idle.pop()[0] if idle else None
+            if actor is None:
+                break
+            try:
+                ray.get(actor.ping.remote(), timeout=10)
+                return actor, True
+            except Exception:  # noqa: BLE001 - dead or unreachable: drop it, try the next
+                _kill(actor)
+        options: dict[str, Any] = {"num_cpus": cpus}
+        if use_gpu:
+            options["num_gpus"] = 1
+        return WarmTrainer.options(**options).remote(), False
+
+    def release(self, actor: Any, cpus: float, use_gpu: bool) -> None:
+        """Give a healthy actor back; it is killed after :func:`idle_seconds` without a job."""
+        if idle_seconds() == 0:
+            _kill(actor)
+            return
+        with self._lock:
+            self._idle.setdefault((cpus, use_gpu), []).append((actor, time.monotonic()))
+            if self._reaper is None or not self._reaper.is_alive():
+                self._reaper = threading.Thread(target=self._reap, name="warm-reaper", daemon=True)
+                self._reaper.start()
+
+    def release_idle(self) -> int:
+        """Kill every idle actor (their cores are needed elsewhere); returns how many."""
+        with self._lock:
+            actors = [a for lst in self._idle.values() for a, _ in lst]
+            self._idle.clear()
+        for a in actors:
+            _kill(a)
+        return len(actors)
+
+    def idle_count(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._idle.values())
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(min(5.0, max(0.5, idle_seconds() / 4)))
+            limit = idle_seconds()
+            expired = []
+            with self._lock:
+                now = time.monotonic()
+                for key, lst in self._idle.items():
+                    keep = [(a, t) for a, t in lst if now - t < limit]
+                    expired += [a for a, t in lst if now - t >= limit]
+                    self._idle[key] = keep
+                empty = not any(self._idle.values())
+            for a in expired:
+                _kill(a)
+            if empty:
+                with self._lock:
+                    if not any(self._idle.values()):
+                        self._reaper = None
+                        return
+
+
+def _kill(actor: Any) -> None:
+    with contextlib.suppress(Exception):  # already gone
+        ray.kill(actor, no_restart=True)
+
+
+POOL = WarmPool()
+
+
+def release_idle() -> int:
+    """Kill this process's idle warm actors before a run that needs Ray's resources (see the module doc)."""
+    return POOL.release_idle()
+
+
+__all__ = ["POOL", "WarmPool", "WarmTrainer", "newest_state", "release_idle", "warm_enabled"]
