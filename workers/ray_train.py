@@ -188,6 +188,26 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 # In the caller's process
 
 
+def _event_handler(on_epoch: Callable[[dict[str, Any]], None], log: Callable[[str], None],
+                   should_preempt: Callable[[], bool] | None,
+                   preempt: dict[str, Any]) -> Callable[[str, Any, DriveState], None]:
+    """The run's events on the caller's thread (both paths): epochs (then the preemption check), log lines,
+    a user error; ``preempt["at"]`` records the epoch after which a preemption was asked for."""
+
+    def handle(kind: str, payload: Any, state: DriveState) -> None:
+        if kind == "epoch":
+            on_epoch(payload)
+            if preempt["at"] is None and should_preempt is not None and should_preempt():
+                preempt["at"] = payload.get("global_epoch") or payload.get("epoch")
+                state.stop_reason = state.stop_reason or "preempt"  # forwarded by drive() as the stop's reason
+        elif kind == "log":
+            log(payload)
+        elif kind == "user_error":
+            state.user_error = state.user_error or payload
+
+    return handle
+
+
 def _kill_workers(channel: Any) -> None:
     for handle in ray.get(channel.workers.remote(), timeout=10):
         ray.kill(handle, no_restart=True)
@@ -256,17 +276,7 @@ def run_train_job(
     )
 
     preempt: dict[str, Any] = {"at": None}
-
-    def handle(kind: str, payload: Any, state: DriveState) -> None:
-        if kind == "epoch":
-            on_epoch(payload)
-            if preempt["at"] is None and should_preempt is not None and should_preempt():
-                preempt["at"] = payload.get("global_epoch") or payload.get("epoch")
-                state.stop_reason = state.stop_reason or "preempt"  # forwarded by drive() as the stop's reason
-        elif kind == "log":
-            log(payload)
-        elif kind == "user_error":
-            state.user_error = state.user_error or payload
+    handle = _event_handler(on_epoch, log, should_preempt, preempt)
 
     log(f"starting Ray Train: {ts.workers} worker(s), {'GPU' if ts.use_gpu else 'CPU'}, run {job_id}")
     try:
@@ -342,15 +352,7 @@ def _run_warm(ts: TrainSpec, *, job_id: str, storage_path: str, on_epoch: Callab
     run_dir = str(Path(storage_path) / str(job_id))
     failures = 0
     preempt: dict[str, Any] = {"at": None}
-
-    def handle(kind: str, payload: Any, state: DriveState) -> None:
-        if kind == "epoch":
-            on_epoch(payload)
-            if preempt["at"] is None and should_preempt is not None and should_preempt():
-                preempt["at"] = payload.get("global_epoch") or payload.get("epoch")
-                state.stop_reason = state.stop_reason or "preempt"
-        elif kind == "log":
-            log(payload)
+    handle = _event_handler(on_epoch, log, should_preempt, preempt)
 
     while True:
         t_acquire = time.monotonic()
