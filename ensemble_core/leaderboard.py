@@ -565,11 +565,13 @@ def main(argv: list[str] | None = None) -> int:
                      if ds in old["datasets"] and any(r.get("status") == "done" for r in doc["datasets"][ds]["rows"])]
             (out_dir / "evaluation-upgrade.md").write_text("\n".join(pages) + "\n")
 
-    if not args.rerun:
-        restored = restore_cells(out_dir / "leaderboard.json", runs_dir, datasets, run_methods, budget)
-        if restored:
-            _log(f"taken from the published {out_dir / 'leaderboard.json'} (same budget, same evaluation code "
-                 f"fingerprint): {', '.join(restored)}")
+    # Every data set's and method's published rows, not only those asked for: the page is written whole, so a
+    # run of one data set in a fresh checkout must not drop the other's rows. With --rerun the asked-for
+    # cells are restored too and then run again over the restored figures.
+    restored = restore_cells(out_dir / "leaderboard.json", runs_dir, list(DATASETS), methods, budget)
+    if restored:
+        _log(f"taken from the published {out_dir / 'leaderboard.json'} (same budget, same evaluation code "
+             f"fingerprint): {', '.join(restored)}")
     if not args.render_only:
         for ds in datasets:
             for m in run_methods:

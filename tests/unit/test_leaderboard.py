@@ -133,3 +133,21 @@ def test_published_rows_are_restored_only_with_the_same_budget_and_evaluation_co
     cell = json.loads(lb._cell_path(runs, "mnist", "baseline").read_text())
     assert cell == rows["baseline"] | {"restored_from": "leaderboard.json"}  # the derived keys are recomputed
     assert lb.restore_cells(published, runs, ["mnist"], ["baseline"], lb.BUDGET) == []  # never over a cell
+
+
+def test_a_run_of_one_data_set_keeps_the_other_data_sets_published_rows(tmp_path: Path, monkeypatch: Any) -> None:
+    """A fresh checkout runs only Fashion-MNIST: the page is rewritten whole and must keep the MNIST rows."""
+    monkeypatch.setattr("ensemble_core.evaluation.codeversion.evaluation_code_fingerprint", lambda: "abc")
+    row = lb.summarise(payload("baseline", [0.5] * 8, [0.4, 0.1, 0.0], [0.3, 0.2, 0.1, 0.0, 0.0]))
+    first = tmp_path / "first"
+    lb._cell_path(first, "mnist", "baseline").parent.mkdir(parents=True)
+    lb._cell_path(first, "mnist", "baseline").write_text(json.dumps(row))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "leaderboard.json").write_text(json.dumps(lb.collect(first, ["mnist"], ["baseline"], lb.BUDGET)))
+    assert lb.main(["--datasets", "fashion_mnist", "--methods", "baseline", "--render-only",
+                    "--runs-dir", str(tmp_path / "fresh"), "--out-dir", str(out)]) == 0
+    doc = json.loads((out / "leaderboard.json").read_text())
+    mnist = {r["method"]: r for r in doc["datasets"]["mnist"]["rows"]}
+    assert mnist["baseline"]["status"] == "done" and mnist["baseline"]["any_attack_mean"] == row["any_attack_mean"]
+    assert {r["method"]: r["status"] for r in doc["datasets"]["fashion_mnist"]["rows"]}["baseline"] == "not run"
