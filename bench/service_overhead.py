@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,28 +127,10 @@ def service(spec: dict[str, Any], url: str, data_dir: Path, *, warm: bool = Fals
     try:
         with TestClient(app) as client:
             for label in labels:
-                time.sleep(1.0)  # the worker is idle and listening, as in a running deployment
-                t0 = time.perf_counter()
-                r = client.post("/v1/jobs", json={"kind": "train", "spec": spec})
-                r.raise_for_status()
-                jid = r.json()["id"]
-                first = None
-                while True:
-                    job = client.get(f"/v1/jobs/{jid}").json()
-                    now = time.perf_counter() - t0
-                    if first is None and (job.get("epoch") or 0) >= 1:
-                        first = now
-                    if job["status"] in ("succeeded", "failed", "cancelled"):
-                        total = now
-                        break
-                    if now > 900:
-                        raise TimeoutError(f"job {jid} not done after 900 s: {job}")
-                    time.sleep(0.05)
-                if job["status"] != "succeeded":
-                    raise RuntimeError(f"service job ended {job['status']}: {job.get('error')}")
+                jid, first, total = submit_and_time(client, "train", spec,
+                                                    lambda job: (job.get("epoch") or 0) >= 1, timeout=900)
                 items = client.get(f"/v1/jobs/{jid}/metrics", params={"name": "epoch_time_s"}).json()["items"]
                 steps_s = next(float(p["value"]) for p in items if int(p["step"]) == 1)
-                assert first is not None
                 rows.append({"path": label, "first_epoch_seen_s": first, "first_epoch_steps_s": steps_s,
                              "total_s": total, **startup_figures(first, steps_s, total)})
                 target = jid
@@ -165,27 +148,36 @@ def service(spec: dict[str, Any], url: str, data_dir: Path, *, warm: bool = Fals
     return rows
 
 
-def evaluate_row(client: Any, label: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """POST one evaluate job; the seconds to its first attacked batch (``stage`` of a white-box unit) and to
-    its end, and that batch's own attack time (the unit's time over its batches, from the job's results)."""
-    time.sleep(1.0)  # the worker is idle and listening
+def submit_and_time(client: Any, kind: str, spec: dict[str, Any], first_seen: Callable[[dict[str, Any]], bool],
+                    timeout: float) -> tuple[str, float, float]:
+    """POST a job to an idle, listening worker; poll ``GET /v1/jobs/{id}`` every 50 ms. Returns the job id, the
+    seconds from the POST until ``first_seen(job)`` held and until the job succeeded (anything else raises)."""
+    time.sleep(1.0)  # the worker is idle and listening, as in a running deployment
     t0 = time.perf_counter()
-    r = client.post("/v1/jobs", json={"kind": "evaluate", "spec": spec})
+    r = client.post("/v1/jobs", json={"kind": kind, "spec": spec})
     r.raise_for_status()
     jid = r.json()["id"]
     first = None
     while True:
         job = client.get(f"/v1/jobs/{jid}").json()
         now = time.perf_counter() - t0
-        if first is None and str(job.get("stage") or "").startswith("wb|"):
+        if first is None and first_seen(job):
             first = now
         if job["status"] in ("succeeded", "failed", "cancelled"):
             break
-        if now > 600:
-            raise TimeoutError(f"evaluate job {jid} not done after 600 s: {job}")
+        if now > timeout:
+            raise TimeoutError(f"{kind} job {jid} not done after {timeout:.0f} s: {job}")
         time.sleep(0.05)
     if job["status"] != "succeeded" or first is None:
-        raise RuntimeError(f"evaluate job ended {job['status']} (first batch seen: {first}): {job.get('error')}")
+        raise RuntimeError(f"{kind} job ended {job['status']} (first seen: {first}): {job.get('error')}")
+    return jid, first, now
+
+
+def evaluate_row(client: Any, label: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """POST one evaluate job; the seconds to its first attacked batch (``stage`` of a white-box unit) and to
+    its end, and that batch's own attack time (the unit's time over its batches, from the job's results)."""
+    jid, first, now = submit_and_time(client, "evaluate", spec,
+                                      lambda job: str(job.get("stage") or "").startswith("wb|"), timeout=600)
     timings = client.get(f"/v1/jobs/{jid}/results").json()["timings_s"]
     n_batches = -(-spec["n_examples"] // spec["batch_size"])
     batch_s = sum(v for k, v in timings.items() if k.startswith("wb|")) / n_batches
