@@ -201,7 +201,7 @@ def run(spec: dict[str, Any] | None = None) -> dict[str, Any]:
                  f"({spec['members']} x {spec['architecture']}, {spec['epochs']} epochs of "
                  f"{spec['train_subset'] // spec['batch_size']} steps, 1 Ray Train worker)", load0))
     eval_rows = [r for r in warm_rows if "first_attacked_batch_s" in r]
-    warm_rows = [r for r in warm_rows if r not in eval_rows]
+    warm_rows = [r for r in warm_rows if "first_attacked_batch_s" not in r]
     rows = [svc, bare_row, *warm_rows]
     print(table(rows, ["path", "first_epoch_seen_s", "first_epoch_steps_s", "to_first_step_s", "total_s",
                        "startup_share"]))
