@@ -92,3 +92,21 @@ def test_each_method_page_quotes_its_row(method: str) -> None:
     mean = re.search(r"over ε 0\.1 / 0\.2 / 0\.3 (\d+\.\d) %", para)
     if mean:  # pages that state the any-attack mean
         assert mean.group(1) == pct(row["any_attack_wb_mean"]), (method, mean.group(1))
+
+
+def test_the_fashion_mnist_figures_in_the_readme_and_the_notes_are_the_records() -> None:
+    """The Fashion-MNIST count and any-attack means the README and the notes quote follow the record."""
+    done = rows("fashion_mnist")
+    readme = flat("README.md")
+    sentence = readme[readme.index("on Fashion-MNIST "):]
+    sentence = sentence[:sentence.index(")")]
+    assert f"on Fashion-MNIST {WORDS[len(done)]} have run so far" in sentence, sentence[:60]
+    notes = flat("docs/results/leaderboard-notes.md")
+    assert f"What the Fashion-MNIST rows show so far ({len(done)} of 11)" in notes or len(done) == 11
+    section = notes[notes.index("## What the Fashion-MNIST rows show"):]
+    listing = section[section.index("Mean *any attack*"):].split(". ")[0]
+    for text in (sentence, listing):
+        pairs = quoted_pairs(text)
+        assert set(pairs) == {NAMES[m] for m in done}, (sorted(pairs), sorted(done))
+        for method, row in done.items():
+            assert pairs[NAMES[method]] == pct(row["any_attack_wb_mean"]), (NAMES[method], pairs[NAMES[method]])
