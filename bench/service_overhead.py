@@ -23,6 +23,13 @@ train job's ensemble (PGD-10 at one eps on 100 report images in batches of 50, n
 reports it when the batch is done) and to the end. Evaluate jobs of this size run inside the worker process,
 which keeps torch and the decoded data sets after its first job (issue "Warm start": first attacked batch
 within 3 s).
+
+The DDP rows run first: the same spec with ``workers: 2`` on the cold path (Ray Train, gloo), twice, the
+first with an empty data-set cache (every rank decodes MNIST, as before ``ensemble_core/datacache.py``), the
+second with the cache the first one filled (issue "Warm start": DDP start-up at most half of the path before).
+
+Every train row also gets its start-up breakdown from the job's results (``startup_s``, workers/startup.py):
+seconds from the job worker's call to the first step, per phase.
 """
 
 from __future__ import annotations
@@ -102,10 +109,12 @@ def bare(spec: dict[str, Any]) -> dict[str, Any]:
             **startup_figures(m["first_epoch_wall"] - t0, m["first_epoch_steps_s"], total)}
 
 
-def service(spec: dict[str, Any], url: str, data_dir: Path, *, warm: bool = False) -> list[dict[str, Any]]:
-    """POST the job to the real API with a real worker; poll until epoch 1 is visible and until it ends.
+def service(spec: dict[str, Any], url: str, data_dir: Path, *, warm: bool = False,
+            jobs: list[tuple[str, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """POST the jobs to the real API with a real worker; poll until epoch 1 is visible and until each ends.
 
-    Cold: one job on Ray Train. Warm: two jobs in a row with ``RE_WARM_TRAIN=1``. One row per job."""
+    Cold: ``jobs`` (label, spec) one after the other on Ray Train (default: one job of ``spec``). Warm: two jobs
+    of ``spec`` in a row with ``RE_WARM_TRAIN=1``, then two evaluate jobs. One row per job."""
     from fastapi.testclient import TestClient
 
     from service import migrate
@@ -122,17 +131,21 @@ def service(spec: dict[str, Any], url: str, data_dir: Path, *, warm: bool = Fals
     os.environ["RE_WARM_TRAIN"] = "1" if warm else "0"
     thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
     thread.start()
-    labels = ["service warm, new actor", "service warm, reused actor"] if warm else ["service POST /v1/jobs"]
+    if warm:
+        jobs = [("service warm, new actor", spec), ("service warm, reused actor", spec)]
+    jobs = jobs or [("service POST /v1/jobs", spec)]
     rows = []
     try:
         with TestClient(app) as client:
-            for label in labels:
-                jid, first, total = submit_and_time(client, "train", spec,
+            for label, job_spec in jobs:
+                jid, first, total = submit_and_time(client, "train", job_spec,
                                                     lambda job: (job.get("epoch") or 0) >= 1, timeout=900)
                 items = client.get(f"/v1/jobs/{jid}/metrics", params={"name": "epoch_time_s"}).json()["items"]
                 steps_s = next(float(p["value"]) for p in items if int(p["step"]) == 1)
+                results = client.get(f"/v1/jobs/{jid}/results").json().get("results") or {}
                 rows.append({"path": label, "first_epoch_seen_s": first, "first_epoch_steps_s": steps_s,
-                             "total_s": total, **startup_figures(first, steps_s, total)})
+                             "total_s": total, **startup_figures(first, steps_s, total),
+                             "startup_s": results.get("startup_s") or {}})
                 target = jid
             if warm:
                 for label in ("evaluate job, first in this worker process", "evaluate job, next"):
@@ -146,6 +159,23 @@ def service(spec: dict[str, Any], url: str, data_dir: Path, *, warm: bool = Fals
         else:
             os.environ["RE_WARM_TRAIN"] = old_env
     return rows
+
+
+def startup_table(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per train job: its start-up seconds per phase (``startup_s``), in the phases' order; the
+    columns are every phase any row has (a row without one shows nothing there)."""
+    from workers.startup import PHASES
+
+    order = {name: i for i, name in enumerate(["prepare", *PHASES.values()])}
+    names: list[str] = []
+    for r in rows:
+        for k in r.get("startup_s") or {}:
+            if k != "total" and k not in names:
+                names.append(k)
+    names.sort(key=lambda k: order.get(k.split("..")[0], 99))
+    out = [{"path": r["path"], **{k: round(v, 2) for k, v in (r.get("startup_s") or {}).items()}}
+           for r in rows if r.get("startup_s")]
+    return out, ["path", *names, "total"]
 
 
 def submit_and_time(client: Any, kind: str, spec: dict[str, Any], first_seen: Callable[[dict[str, Any]], bool],
@@ -186,35 +216,54 @@ def evaluate_row(client: Any, label: str, spec: dict[str, Any]) -> dict[str, Any
 
 
 def run(spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    from ensemble_core.datacache import CACHE_ENV
+
     load0 = os.getloadavg()[0]
     spec = dict(spec or SPEC)
+    ddp_spec = {**spec, "workers": 2}
     data_dir = Path(tempfile.mkdtemp(prefix="re-bench-svc-"))
+    old_cache = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(data_dir / "dataset-cache")  # empty; Ray's processes inherit it
     try:
         with private_ray(num_cpus=2), embedded_postgres() as url:
+            ddp_rows = service(spec, url, data_dir, jobs=[
+                ("DDP 2 workers, data cache empty", ddp_spec), ("DDP 2 workers, data cache filled", ddp_spec)])
             svc, = service(spec, url, data_dir)
             bare_row = bare(spec)
             warm_rows = service(spec, url, data_dir, warm=True)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+        if old_cache is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = old_cache
     ratio = svc["to_first_step_s"] / bare_row["to_first_step_s"]
     print(header(f"service overhead: POST /v1/jobs -> first step vs bare TorchTrainer.fit() -> first step "
                  f"({spec['members']} x {spec['architecture']}, {spec['epochs']} epochs of "
-                 f"{spec['train_subset'] // spec['batch_size']} steps, 1 Ray Train worker)", load0))
+                 f"{spec['train_subset'] // spec['batch_size']} steps, 1 Ray Train worker; DDP rows: 2 workers)",
+                 load0))
     eval_rows = [r for r in warm_rows if "first_attacked_batch_s" in r]
     warm_rows = [r for r in warm_rows if "first_attacked_batch_s" not in r]
-    rows = [svc, bare_row, *warm_rows]
+    rows = [svc, bare_row, *warm_rows, *ddp_rows]
     print(table(rows, ["path", "first_epoch_seen_s", "first_epoch_steps_s", "to_first_step_s", "total_s",
                        "startup_share"]))
+    breakdown_rows, columns = startup_table(rows)
+    print("start-up per phase, seconds from the job worker's call to the first step (workers/startup.py):")
+    print(table(breakdown_rows, columns))
     print(table(eval_rows, ["path", "first_attacked_batch_s", "batch_attack_s", "before_first_batch_s", "total_s"]))
     warm_ratio = warm_rows[1]["to_first_step_s"] / svc["to_first_step_s"]
+    ddp_ratio = ddp_rows[1]["to_first_step_s"] / ddp_rows[0]["to_first_step_s"]
     print(f"time to first step, service / bare: {ratio:.3f}; start-up share of the small job: service "
           f"{svc['startup_share']:.1%}, bare {bare_row['startup_share']:.1%}")
     print(f"time to first step, warm (reused actor) / cold service: {warm_ratio:.3f} "
           f"({warm_rows[1]['to_first_step_s']:.1f} s; target: within 5 s)")
+    print(f"DDP time to first step, data cache filled / empty: {ddp_ratio:.3f} ({ddp_rows[1]['to_first_step_s']:.1f} "
+          f"against {ddp_rows[0]['to_first_step_s']:.1f} s; target: at most 0.5)")
     print(f"evaluate job, POST -> first attacked batch: {eval_rows[1]['first_attacked_batch_s']:.1f} s on a worker "
           f"that has run one before ({eval_rows[0]['first_attacked_batch_s']:.1f} s for its first); target: within "
           f"3 s")
     result = {"spec": spec, "rows": rows, "evaluate_spec": EVAL_SPEC, "evaluate_rows": eval_rows,
-              "ratio_service_over_bare": ratio, "ratio_warm_over_cold": warm_ratio}
+              "ratio_service_over_bare": ratio, "ratio_warm_over_cold": warm_ratio,
+              "ratio_ddp_cache_filled_over_empty": ddp_ratio}
     save("service-overhead", result, load0)
     return result

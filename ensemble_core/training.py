@@ -27,10 +27,10 @@ from ensemble_core.data import (
     GlobalBatchLoader,
     TensorDataset,
     iterate_eval,
-    load_dataset,
     test_subset,
     train_val_split,
 )
+from ensemble_core.datacache import load_dataset_cached
 from ensemble_core.ensemble import Ensemble
 from ensemble_core.methods import get_method
 from ensemble_core.methods.base import Method, StepContext, TrainNet
@@ -49,6 +49,9 @@ class TrainHooks:
     should_stop: Callable[[], bool] | None = None
     log: Callable[[str], None] = print
     progress_bar: bool = False
+    # called with "data", "model" and "first_step" as the run reaches each: the start-up breakdown of
+    # docs/benchmarks.md ("Start-up breakdown"); "first_step" after the first optimizer step of this call
+    on_phase: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -135,14 +138,20 @@ class RunSetup:
     arch: dict[str, Any]
 
 
-def setup_run(spec: TrainSpec, device: torch.device) -> RunSetup:
-    """Data, members (one seed per member), auxiliary modules and the method object for ``spec``."""
+def setup_run(spec: TrainSpec, device: torch.device,
+              on_phase: Callable[[str], None] | None = None) -> RunSetup:
+    """Data, members (one seed per member), auxiliary modules and the method object for ``spec``.
+
+    ``on_phase("data")`` is called once the data sets are decoded and split, ``on_phase("model")`` once the
+    members and auxiliary modules are built and on ``device``."""
     info = DATASET_INFO[spec.dataset]
-    full_train = load_dataset(spec.dataset, "train", spec.data_dir)
-    full_test = load_dataset(spec.dataset, "test", spec.data_dir)
+    full_train = load_dataset_cached(spec.dataset, "train", spec.data_dir)  # decoded once per machine
+    full_test = load_dataset_cached(spec.dataset, "test", spec.data_dir)
     train, val = train_val_split(full_train, spec.val_size, spec.seed, spec.train_subset)
     selection = test_subset(full_test, "selection")
     test = test_subset(full_test, "report", n=spec.eval_subset or None)
+    if on_phase is not None:
+        on_phase("data")
     method = get_method(spec.method).from_spec_dict(
         spec.hyperparameters, members=spec.members, num_classes=info.num_classes, dataset=spec.dataset,
         architecture=spec.architecture)
@@ -157,6 +166,8 @@ def setup_run(spec: TrainSpec, device: torch.device) -> RunSetup:
     rep_dim = rep_layer.out_features if isinstance(rep_layer, nn.Linear) else members[0].feature_dim
     aux = method.build_aux(members[0].feature_dim, rep_dim)
     net = TrainNet(members, aux, method).to(device)
+    if on_phase is not None:
+        on_phase("model")
     return RunSetup(spec, method, net, train, val, selection, test, members[0].arch_config)
 
 
@@ -198,8 +209,9 @@ def train_ensemble(spec: TrainSpec | dict[str, Any], *, device: torch.device | s
     device = torch.device(device) if device is not None else pick_device(spec.use_gpu)
     if spec.deterministic:
         torch.use_deterministic_algorithms(True)
-    setup = setup_run(spec, device)
+    setup = setup_run(spec, device, hooks.on_phase)
     method, net = setup.method, setup.net
+    first_step_seen = False
     stages = method.stages()
     info = DATASET_INFO[spec.dataset]
     augment = info.augment_by_default if spec.augment is None else spec.augment
@@ -256,6 +268,9 @@ def train_ensemble(spec: TrainSpec | dict[str, Any], *, device: torch.device | s
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 optimizer.step()
+                if hooks.on_phase is not None and not first_step_seen:
+                    first_step_seen = True
+                    hooks.on_phase("first_step")
                 for k, v in {"loss": out.loss, **out.terms}.items():
                     v = v.detach().float()
                     sums[k] = sums[k] + v if k in sums else v

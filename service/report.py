@@ -39,6 +39,10 @@ def format_train(results: dict[str, Any]) -> str:
         keys = [k for k in ("train_loss", "val_clean_acc", "sel_clean_acc", "epoch_time_s") if k in history[0]]
         hrows = [[h.get("global_epoch", i + 1)] + [_num(h.get(k, "")) for k in keys] for i, h in enumerate(history)]
         out.append("per epoch:\n" + text_table(["epoch", *keys], hrows))
+    startup = inner.get("startup_s")
+    if isinstance(startup, dict) and startup:
+        parts = ", ".join(f"{k} {_num(v)}" for k, v in startup.items() if k != "total")
+        out.append(f"start-up to the first step: {_num(startup.get('total', ''))} s ({parts})")
     method = inner.get("method_results")
     if method:
         out.append("method results: " + json.dumps(method, default=str))

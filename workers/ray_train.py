@@ -43,6 +43,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ensemble_core.spec import TrainSpec
+from workers import startup
 from workers.errors import InfrastructureError, JobCancelled, JobPreempted, UserError
 from workers.ray_common import (
     DriveState,
@@ -68,8 +69,32 @@ def scaling_config_for(spec: TrainSpec, cpus: float | None = None) -> ScalingCon
     return ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources)
 
 
+try:  # Ray Train's own torch backend, timed for the start-up breakdown (workers/startup.py)
+    from ray.train.torch.config import _TorchBackend
+except ImportError:  # another Ray version: no process-group stamps (their seconds count in the next phase)
+    _TorchBackend = None
+
+if _TorchBackend is not None:
+    class _TimedTorchBackend(_TorchBackend):  # type: ignore[misc, valid-type]
+        """Ray's torch backend; once every rank's process group is up, each rank gets the set-up's stamps."""
+
+        def on_start(self, worker_group: Any, backend_config: Any) -> None:
+            start = time.time()
+            super().on_start(worker_group, backend_config)
+            worker_group.execute(startup.note_process_group, start=start, end=time.time())
+
+    class TimedTorchConfig(TorchConfig):
+        """``TorchConfig`` with :class:`_TimedTorchBackend`; everything else as Ray's."""
+
+        @property
+        def backend_cls(self) -> type:
+            return _TimedTorchBackend
+
+
 def torch_config_for(spec: TrainSpec) -> TorchConfig:
-    return TorchConfig(backend="nccl" if spec.use_gpu else "gloo")
+    """gloo on CPUs, NCCL with GPUs; the backend stamps the process group's set-up where it can."""
+    cls = TimedTorchConfig if _TorchBackend is not None else TorchConfig
+    return cls(backend="nccl" if spec.use_gpu else "gloo")
 
 
 def validate_train_spec(spec: dict[str, Any] | TrainSpec) -> TrainSpec:
@@ -92,6 +117,9 @@ def validate_train_spec(spec: dict[str, Any] | TrainSpec) -> TrainSpec:
 
 def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Body of every Ray Train worker: resume, train with DDP, report per epoch, report the final state."""
+    stamps = {"loop": time.time()}
+    started = startup.process_started_at()  # Ray Train starts its workers per run: this run's process
+    process = {"process": started} if started is not None else {}
     import torch
     import torch.distributed as dist
 
@@ -99,6 +127,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from ensemble_core.data import DataUnavailableError
     from ensemble_core.training import TrainHooks, TrainingStopped, train_ensemble
 
+    stamps["imports"] = time.time()
     torch.set_num_threads(config["threads"])
     channel = config["channel"]
     ctx = ray.train.get_context()
@@ -156,7 +185,14 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:  # after the report: an epoch the caller sees is an epoch that is checkpointed
             channel.push.remote("epoch", metrics)
 
-    hooks = TrainHooks(wrap=wrap, on_epoch_end=on_epoch_end, should_stop=stop_requested, log=log)
+    def on_phase(name: str) -> None:
+        stamps[name] = time.time()
+        if name == "first_step" and rank == 0:
+            channel.push.remote("startup", {**stamps, **startup.process_group_stamps(), **process})
+
+    hooks = TrainHooks(wrap=wrap, on_epoch_end=on_epoch_end, should_stop=stop_requested, log=log,
+                       on_phase=on_phase)
+    stamps["setup"] = time.time()
     try:
         result = train_ensemble(config["spec"], device=device, rank=rank, world_size=world,
                                 resume_state=resume_state, hooks=hooks)
@@ -190,9 +226,11 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 def _event_handler(on_epoch: Callable[[dict[str, Any]], None], log: Callable[[str], None],
                    should_preempt: Callable[[], bool] | None,
-                   preempt: dict[str, Any]) -> Callable[[str, Any, DriveState], None]:
+                   preempt: dict[str, Any],
+                   stamps: dict[str, float] | None = None) -> Callable[[str, Any, DriveState], None]:
     """The run's events on the caller's thread (both paths): epochs (then the preemption check), log lines,
-    a user error; ``preempt["at"]`` records the epoch after which a preemption was asked for."""
+    a user error, the training process's start-up stamps (the first run's, into ``stamps``);
+    ``preempt["at"]`` records the epoch after which a preemption was asked for."""
 
     def handle(kind: str, payload: Any, state: DriveState) -> None:
         if kind == "epoch":
@@ -204,6 +242,10 @@ def _event_handler(on_epoch: Callable[[dict[str, Any]], None], log: Callable[[st
             log(payload)
         elif kind == "user_error":
             state.user_error = state.user_error or payload
+        elif kind == "startup" and stamps is not None and "first_step" not in stamps:
+            # the first start-up is kept (not a worker group's restart after a failure); a training process
+            # older than the hand-over to Ray was not started for this run: its start is not a phase
+            stamps.update({k: v for k, v in payload.items() if k != "process" or v >= stamps.get("fit", 0.0)})
 
     return handle
 
@@ -245,6 +287,7 @@ def run_train_job(
     """
     from workers.warm import newest_state, release_idle, warm_enabled
 
+    stamps: dict[str, float] = {"call": time.time()}  # the start-up breakdown (workers/startup.py)
     ts = validate_train_spec(spec)
     if should_stop():
         raise JobCancelled("cancelled before the run started")
@@ -255,8 +298,8 @@ def run_train_job(
     if ts.workers == 1 and warm_enabled():
         state_path = _run_warm(ts, job_id=job_id, storage_path=storage_path, on_epoch=on_epoch,
                                should_stop=should_stop, log=log, max_failures=max_failures,
-                               should_preempt=should_preempt)
-        return _finish(state_path, out_dir, log, t0)
+                               should_preempt=should_preempt, stamps=stamps)
+        return _finish(state_path, out_dir, log, t0, stamps)
     release_idle()  # an idle warm actor holds a core this run may need
     cpus = cpus_per_worker()
     channel = JobChannel.remote()
@@ -276,9 +319,10 @@ def run_train_job(
     )
 
     preempt: dict[str, Any] = {"at": None}
-    handle = _event_handler(on_epoch, log, should_preempt, preempt)
+    handle = _event_handler(on_epoch, log, should_preempt, preempt, stamps)
 
     log(f"starting Ray Train: {ts.workers} worker(s), {'GPU' if ts.use_gpu else 'CPU'}, run {job_id}")
+    stamps["fit"] = time.time()
     try:
         result, error, dstate = drive(
             trainer.fit, drain=lambda: ray.get(channel.drain.remote(), timeout=30), handle=handle,
@@ -314,11 +358,15 @@ def run_train_job(
         raise RuntimeError("the Ray Train run ended without its final checkpoint")
 
     with result.checkpoint.as_directory() as d:
-        return _finish(Path(d) / STATE_FILE, out_dir, log, t0)
+        return _finish(Path(d) / STATE_FILE, out_dir, log, t0, stamps)
 
 
-def _finish(state_path: Path, out_dir: Path, log: Callable[[str], None], t0: float) -> dict[str, Any]:
-    """Copy the final state to ``ensemble.pt``, write ``results.json``; the run's metrics and results."""
+def _finish(state_path: Path, out_dir: Path, log: Callable[[str], None], t0: float,
+            stamps: dict[str, float] | None = None) -> dict[str, Any]:
+    """Copy the final state to ``ensemble.pt``, write ``results.json``; the run's metrics and results.
+
+    Where the run took its first step in this call, ``results.json`` also gets ``startup_s``: seconds per
+    start-up phase (:func:`workers.startup.breakdown`)."""
     from ensemble_core.checkpoint import load_checkpoint
 
     tmp = out_dir / ".ensemble.pt.tmp"
@@ -330,6 +378,15 @@ def _finish(state_path: Path, out_dir: Path, log: Callable[[str], None], t0: flo
     history = json.loads(state["history"])
     metrics = results.get("metrics", {})
     record = {"metrics": metrics, **results, "history": history}
+    if stamps and "first_step" in stamps:
+        try:
+            parts = startup.breakdown(stamps)
+        except ValueError as e:  # e.g. the hosts' clocks disagree: the breakdown is left out, not guessed
+            log(f"no start-up breakdown: {e}")
+        else:
+            record["startup_s"] = parts
+            results = {**results, "startup_s": parts}
+            log(startup.describe(parts))
     (out_dir / "results.json").write_text(json.dumps(record, indent=2))
     log(f"finished in {time.monotonic() - t0:.1f} s: "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "member" not in k))
@@ -338,7 +395,7 @@ def _finish(state_path: Path, out_dir: Path, log: Callable[[str], None], t0: flo
 
 def _run_warm(ts: TrainSpec, *, job_id: str, storage_path: str, on_epoch: Callable[[dict[str, Any]], None],
               should_stop: Callable[[], bool], log: Callable[[str], None], max_failures: int,
-              should_preempt: Callable[[], bool] | None) -> Path:
+              should_preempt: Callable[[], bool] | None, stamps: dict[str, float] | None = None) -> Path:
     """Run a one-worker job on a warm actor (workers/warm.py); the path of its final state.
 
     Raises what the cold path raises: :class:`JobCancelled`, :class:`JobPreempted`, :class:`UserError`, and
@@ -352,7 +409,7 @@ def _run_warm(ts: TrainSpec, *, job_id: str, storage_path: str, on_epoch: Callab
     run_dir = str(Path(storage_path) / str(job_id))
     failures = 0
     preempt: dict[str, Any] = {"at": None}
-    handle = _event_handler(on_epoch, log, should_preempt, preempt)
+    handle = _event_handler(on_epoch, log, should_preempt, preempt, stamps)
 
     while True:
         t_acquire = time.monotonic()
@@ -360,6 +417,8 @@ def _run_warm(ts: TrainSpec, *, job_id: str, storage_path: str, on_epoch: Callab
         key = f"{job_id}-{uuid.uuid4().hex[:8]}"
         log(f"starting on a warm trainer ({'reused' if reused else 'new'}, "
             f"{time.monotonic() - t_acquire:.2f} s to acquire), run {job_id}")
+        if stamps is not None:
+            stamps.setdefault("fit", time.time())
         result, error, dstate = drive(
             lambda a=actor, k=key: ray.get(a.run.remote(ts.resolved(), k, run_dir, torch_threads_for(cpus))),
             drain=lambda a=actor, k=key: ray.get(a.drain.remote(k), timeout=30), handle=handle,

@@ -122,7 +122,10 @@ class WarmTrainer:
         """Train ``spec`` (resolved) for run ``run``, resuming from the newest state in ``run_dir``.
 
         Returns ``{"finished": True, "state_path": ...}``, ``{"stopped": True}`` or ``{"user_error": ...}``.
+        The run's start-up stamps (workers/startup.py) go to the caller as a ``startup`` event after its first
+        step.
         """
+        stamps = {"loop": time.time()}
         import torch
         from pydantic import ValidationError
 
@@ -132,6 +135,7 @@ class WarmTrainer:
         from ensemble_core.training import TrainHooks, TrainingStopped, pick_device, train_ensemble
         from workers.ray_common import describe_validation_error
 
+        stamps["imports"] = time.time()
         t0 = time.perf_counter()
         self.jobs += 1
         # process-wide torch settings an earlier job may have changed
@@ -166,10 +170,17 @@ class WarmTrainer:
                     old.unlink(missing_ok=True)
             self.push(run, "epoch", metrics)  # after the write: an epoch the caller sees is on disk
 
-        hooks = TrainHooks(wrap=wrap, on_epoch_end=on_epoch_end, should_stop=stop_requested, log=log)
+        def on_phase(name: str) -> None:
+            stamps[name] = time.time()
+            if name == "first_step":
+                self.push(run, "startup", dict(stamps))
+
+        hooks = TrainHooks(wrap=wrap, on_epoch_end=on_epoch_end, should_stop=stop_requested, log=log,
+                           on_phase=on_phase)
         try:
             if stop_requested():
                 return {"stopped": True}
+            stamps["setup"] = time.time()
             result = train_ensemble(ts, device=pick_device(ts.use_gpu), rank=0, world_size=1,
                                     resume_state=resume_state, hooks=hooks)
         except TrainingStopped:

@@ -107,6 +107,13 @@ def test_two_worker_run_reports_epochs_and_writes_a_loadable_ensemble(baseline, 
     assert results["metrics"] == out["metrics"]
     assert [h["global_epoch"] for h in results["history"]] == [1, 2]
     assert results["test_subset"]["split"] == "report"
+    # where the start-up went (workers/startup.py): every phase of the cold path, summing to the total
+    parts = results["startup_s"]
+    assert list(parts) == ["prepare", "ray_scheduling", "worker_start", "process_group", "train_session", "imports",
+                           "run_setup", "data", "model_build", "first_batch", "total"]
+    assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"], abs=1e-6)
+    assert 0 < parts["total"] < seconds and out["results"]["startup_s"] == parts
+    assert any(line.startswith("start-up ") for line in rec.logs)
 
 
 def test_cancel_stops_within_seconds_and_the_same_job_resumes_to_identical_weights(

@@ -8,6 +8,7 @@ path resuming from the other's checkpoints; idle actors giving their cores back.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -102,6 +103,12 @@ def test_the_warm_path_trains_the_weights_of_ray_trains_run(work: Path, warm_run
     assert [e["epoch"] for e in warm_run.epochs] == [e["epoch"] for e in cold.epochs] == [1, 2]
     assert warm_run.warm_pids() and not cold.warm_pids()
     _assert_same(_weights(work, "warm-a"), _weights(work, "cold-a"))
+    # the start-up breakdown of each path (workers/startup.py): the warm path has no process group to set up
+    warm = json.loads((work / "artifacts" / "warm-a" / "results.json").read_text())["startup_s"]
+    cold_parts = json.loads((work / "artifacts" / "cold-a" / "results.json").read_text())["startup_s"]
+    assert list(warm) == ["prepare", "ray_scheduling..train_session", "imports",
+                          "run_setup", "data", "model_build", "first_batch", "total"]
+    assert {"ray_scheduling", "worker_start", "process_group"} <= set(cold_parts)
 
 
 def test_the_actor_is_kept_and_reused_for_the_next_job(work: Path, warm_run: Recorder) -> None:

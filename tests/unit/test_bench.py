@@ -10,7 +10,7 @@ import pytest
 
 from bench.common import percentile
 from bench.methods import PRIMITIVES, floor_seconds, format_cost
-from bench.service_overhead import startup_figures
+from bench.service_overhead import startup_figures, startup_table
 from ensemble_core.methods import get_method, method_names
 from ensemble_core.spec import TrainSpec
 
@@ -94,3 +94,15 @@ def test_pass_counts_of_the_methods() -> None:
     assert _method("cldl", hp={"beta": 0.0}).step_cost(all3) == {"fwd_bwd": 3.0}
     assert _method("parl").step_cost(all3) == {"double": 3.0}
     assert _method("parl", hp={"gamma2": 0.0}).step_cost(all3) == {"fwd_bwd": 3.0}
+
+
+def test_startup_table_orders_the_phases_and_joins_both_paths() -> None:
+    cold = {"path": "cold", "startup_s": {"prepare": 0.1, "ray_scheduling": 5.0, "worker_start": 6.0,
+                                          "data": 0.4, "first_batch": 1.25, "total": 12.75}}
+    warm = {"path": "warm", "startup_s": {"prepare": 0.01, "ray_scheduling..train_session":
+                                          0.3, "data": 0.001, "first_batch": 0.2, "total": 0.511}}
+    rows, cols = startup_table([warm, cold, {"path": "bare"}])
+    assert cols == ["path", "prepare", "ray_scheduling..train_session", "ray_scheduling",
+                    "worker_start", "data", "first_batch", "total"]
+    assert [r["path"] for r in rows] == ["warm", "cold"]  # a row without a breakdown is left out
+    assert rows[1]["worker_start"] == 6.0 and "worker_start" not in rows[0] and rows[0]["data"] == 0.0
