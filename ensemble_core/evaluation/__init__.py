@@ -4,6 +4,8 @@ Ray-free; ``workers/ray_eval.py`` shards the same computation across Ray workers
 """
 
 from ensemble_core.evaluation.attacks import build_attack, cw_objective, resolved_params
+from ensemble_core.evaluation.evaluate import run_evaluation
+from ensemble_core.evaluation.records import summarize, write_artifacts
 from ensemble_core.evaluation.runner import (
     EvalModel,
     EvalPlan,
@@ -12,7 +14,6 @@ from ensemble_core.evaluation.runner import (
     load_model,
     prepare_plan,
     protocol_transfer_attacks,
-    run_evaluation,
 )
 from ensemble_core.evaluation.state import EvalState
 
@@ -20,10 +21,3 @@ __all__ = ["EvalModel", "EvalPlan", "EvalState", "EvaluationStopped", "build_att
            "load_model", "prepare_plan", "protocol_transfer_attacks", "resolved_params", "run_evaluation",
            "summarize", "write_artifacts"]
 
-
-def __getattr__(name: str):  # records imports runner; resolve lazily to avoid a cycle at import time
-    if name in ("summarize", "write_artifacts"):
-        from ensemble_core.evaluation import records
-
-        return getattr(records, name)
-    raise AttributeError(name)

@@ -124,62 +124,67 @@ class GradientAttack:
         return g
 
     def run(self, x: torch.Tensor, y: torch.Tensor, scorer: Scorer | None = None) -> Outcome:
-        """Attack ``x`` (images in [0, 1]); score every iterate with ``scorer`` when given."""
+        """Attack ``x`` (images in [0, 1]); score every iterate with ``scorer`` when given.
+
+        One loop for every iterative kind: a start (:meth:`_start`), then ``steps`` times a gradient of the
+        objective and the kind's update (:meth:`_step`), each as torchattacks writes it."""
         images = x.clone().detach()
         y = y.clone().detach()
         track = _Tracker(y, scorer)
-        eps, alpha = self.eps, self.alpha
         if self.kind == "fgsm":
             g = self._grad(images, y, track)
-            return track.outcome(torch.clamp(images + eps * g.sign(), min=0, max=1), self.members)
-        if self.kind == "bim":  # torchattacks' BIM: no random start, its projection in its order
-            adv = images.clone()
-            for _ in range(self.steps):
-                step = adv + alpha * self._grad(adv, y, track).sign()
-                a = torch.clamp(images - eps, min=0)
-                b = (step >= a).float() * step + (step < a).float() * a
-                c = (b > images + eps).float() * (images + eps) + (b <= images + eps).float() * b
-                adv = torch.clamp(c, max=1).detach()
-            return track.outcome(adv, self.members)
-        if self.kind == "mim":  # torchattacks' MIFGSM: momentum on L1-normalised gradients
-            momentum = torch.zeros_like(images)
-            adv = images.clone()
-            for _ in range(self.steps):
-                g = self._grad(adv, y, track)
-                g = g / torch.mean(torch.abs(g), dim=(1, 2, 3), keepdim=True)
-                g = g + momentum * self.decay
-                momentum = g
-                adv = adv.detach() + alpha * g.sign()
-                delta = torch.clamp(adv - images, min=-eps, max=eps)
-                adv = torch.clamp(images + delta, min=0, max=1).detach()
-            return track.outcome(adv, self.members)
-        if self.kind == "pgd":  # torchattacks' PGD: uniform random start in the L∞ ball
-            adv = images.clone()
-            if self.random_start:
-                adv = torch.clamp(adv + torch.empty_like(adv).uniform_(-eps, eps), min=0, max=1).detach()
-            for _ in range(self.steps):
-                adv = adv.detach() + alpha * self._grad(adv, y, track).sign()
-                delta = torch.clamp(adv - images, min=-eps, max=eps)
-                adv = torch.clamp(images + delta, min=0, max=1).detach()
-            return track.outcome(adv, self.members)
-        # pgdl2: torchattacks' PGDL2 (random start in the L2 ball, L2-normalised steps, 1e-10 guard)
-        n = len(images)
-        adv = images.clone()
-        if self.random_start:
-            delta = torch.empty_like(adv).normal_()
-            norms = delta.view(n, -1).norm(p=2, dim=1).view(n, 1, 1, 1)
-            r = torch.zeros_like(norms).uniform_(0, 1)
-            delta *= r / norms * eps
-            adv = torch.clamp(adv + delta, min=0, max=1).detach()
+            return track.outcome(torch.clamp(images + self.eps * g.sign(), min=0, max=1), self.members)
+        adv = self._start(images)
+        momentum = torch.zeros_like(images)  # MIM's; the other kinds pass it through
         for _ in range(self.steps):
-            g = self._grad(adv, y, track)
-            g = g / (torch.norm(g.view(n, -1), p=2, dim=1) + 1e-10).view(n, 1, 1, 1)
-            adv = adv.detach() + alpha * g
-            delta = adv - images
-            delta_norms = torch.norm(delta.view(n, -1), p=2, dim=1)
-            factor = torch.min(eps / delta_norms, torch.ones_like(delta_norms))
-            adv = torch.clamp(images + delta * factor.view(-1, 1, 1, 1), min=0, max=1).detach()
+            adv, momentum = self._step(adv, images, self._grad(adv, y, track), momentum)
         return track.outcome(adv, self.members)
+
+    def _start(self, images: torch.Tensor) -> torch.Tensor:
+        """The first iterate: the images (BIM and MIM: torchattacks has no random start for them), or a uniform
+        draw in the L∞ ball (PGD) / a radius-uniform draw in the L2 ball (PGD-L2) with ``random_start``."""
+        adv = images.clone()
+        if not self.random_start or self.kind in ("bim", "mim"):
+            return adv
+        eps = self.eps
+        if self.kind == "pgd":
+            return torch.clamp(adv + torch.empty_like(adv).uniform_(-eps, eps), min=0, max=1).detach()
+        n = len(images)  # pgdl2
+        delta = torch.empty_like(adv).normal_()
+        norms = delta.view(n, -1).norm(p=2, dim=1).view(n, 1, 1, 1)
+        r = torch.zeros_like(norms).uniform_(0, 1)
+        delta *= r / norms * eps
+        return torch.clamp(adv + delta, min=0, max=1).detach()
+
+    def _step(self, adv: torch.Tensor, images: torch.Tensor, g: torch.Tensor,
+              momentum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update of ``adv`` along the gradient ``g``, projected as the kind's torchattacks class does;
+        returns the new iterate and the momentum (changed by MIM only)."""
+        eps, alpha = self.eps, self.alpha
+        if self.kind == "bim":  # torchattacks' BIM: its projection in its order
+            step = adv + alpha * g.sign()
+            a = torch.clamp(images - eps, min=0)
+            b = (step >= a).float() * step + (step < a).float() * a
+            c = (b > images + eps).float() * (images + eps) + (b <= images + eps).float() * b
+            return torch.clamp(c, max=1).detach(), momentum
+        if self.kind == "mim":  # torchattacks' MIFGSM: momentum on L1-normalised gradients
+            g = g / torch.mean(torch.abs(g), dim=(1, 2, 3), keepdim=True)
+            g = g + momentum * self.decay
+            adv = adv.detach() + alpha * g.sign()
+            delta = torch.clamp(adv - images, min=-eps, max=eps)
+            return torch.clamp(images + delta, min=0, max=1).detach(), g
+        if self.kind == "pgd":  # torchattacks' PGD
+            adv = adv.detach() + alpha * g.sign()
+            delta = torch.clamp(adv - images, min=-eps, max=eps)
+            return torch.clamp(images + delta, min=0, max=1).detach(), momentum
+        # pgdl2: torchattacks' PGDL2 (L2-normalised steps with its 1e-10 guard, projection onto the L2 ball)
+        n = len(images)
+        g = g / (torch.norm(g.view(n, -1), p=2, dim=1) + 1e-10).view(n, 1, 1, 1)
+        adv = adv.detach() + alpha * g
+        delta = adv - images
+        delta_norms = torch.norm(delta.view(n, -1), p=2, dim=1)
+        factor = torch.min(eps / delta_norms, torch.ones_like(delta_norms))
+        return torch.clamp(images + delta * factor.view(-1, 1, 1, 1), min=0, max=1).detach(), momentum
 
 
 def member_loss(loss: str, z: torch.Tensor, y: torch.Tensor, kappa: float = 0.0) -> torch.Tensor:

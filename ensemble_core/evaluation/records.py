@@ -45,8 +45,9 @@ from ensemble_core.evaluation.flags import (
     check_weaker_attack_beats_stronger,
     check_zero_gradients,
 )
-from ensemble_core.evaluation.runner import EvalModel, EvalPlan, _col
+from ensemble_core.evaluation.runner import EvalModel, EvalPlan
 from ensemble_core.evaluation.state import EvalState
+from ensemble_core.evaluation.state import column as _col
 
 RESULTS_FORMAT = "robust-ensembles/eval-results-v1"
 AMONG_CORRECT_LABEL = "papers' figure: robust accuracy among the examples the model classifies correctly clean"

@@ -1,4 +1,6 @@
-"""``run_evaluation``: white-box, gradient-free and transfer attacks on ensembles, scored per example.
+"""The plan and the per-example computation of an evaluation: white-box, gradient-free and transfer attacks on
+ensembles, scored per example. :func:`ensemble_core.evaluation.evaluate.run_evaluation` runs a plan through
+:func:`compute` and :func:`ensemble_core.evaluation.records.summarize` (this module imports neither).
 
 The library part of an evaluate job; Ray-free, usable from a notebook::
 
@@ -56,6 +58,7 @@ from ensemble_core.evaluation.attacks import (
 )
 from ensemble_core.evaluation.codeversion import evaluation_code_fingerprint
 from ensemble_core.evaluation.state import EvalState
+from ensemble_core.evaluation.state import column as _col
 from ensemble_core.spec import AttackSpec, EvaluateSpec
 
 ProgressFn = Callable[[float, str], None]
@@ -371,9 +374,6 @@ def plan_units(plan: EvalPlan) -> list[Unit]:
     return units
 
 
-def _col(model: str, *parts: Any) -> str:
-    return "|".join([model, *[p if isinstance(p, str) else f"{p:g}" if isinstance(p, float) else str(p)
-                              for p in parts]])
 
 
 class _Runner:
@@ -577,7 +577,8 @@ class _Runner:
                 return torch.load(path, map_location=x.device, weights_only=True)
             except Exception as e:  # a torn or foreign file: recompute and overwrite
                 self.log(f"transfer cache entry {path} unreadable ({e}); recomputing")
-        seed = derive_seed("tr", key)
+        seed = derive_seed("tr", transfer_cache_key(f"{s.fingerprint}|view={view.combine}", a, eps, loss, r,
+                                                    self.seed, self.plan.dataset, tests, with_code=False))
         atk = build_attack(view, a, eps, loss, num_classes=self.plan.num_classes, seed=seed)
         adv, bad = sanitize(run_attack(atk, x, y, seed), x, eps, attack_norm(a))
         self.state.add(_col(s.name, "invalid", "tr", a_idx), int(bad.sum()))
@@ -651,8 +652,13 @@ class _Runner:
 
 
 def transfer_cache_key(surrogate_fingerprint: str, a: AttackSpec, eps: float, loss: str, restart: int, seed: int,
-                       dataset: str, test_indices: list[int]) -> str:
-    """What a surrogate's adversarial examples depend on (and nothing else, so every target reuses them)."""
+                       dataset: str, test_indices: list[int], *, with_code: bool = True) -> str:
+    """What a surrogate's adversarial examples depend on (and nothing else, so every target reuses them).
+
+    ``with_code=False`` leaves out the evaluation code's fingerprint: the attack's random start is seeded from
+    that key, so a change of the code that keeps the numbers (a refactor) keeps them bit for bit, and the
+    cache (keyed with the code) is still never reused across code versions (docs/evaluation.md, "Cache keys").
+    """
     name = a.name
     params = {"name": name, "eps": eps, "norm": attack_norm(a), "loss": loss, "restart": restart,
               "steps": None if name == "fgsm" else a.steps,
@@ -663,8 +669,9 @@ def transfer_cache_key(surrogate_fingerprint: str, a: AttackSpec, eps: float, lo
               "version": a.version if name == "autoattack" else None,
               "c": a.c if name == "cw" else None, "lr": a.lr if name == "cw" else None}
     params.update(vote_temperature=a.vote_temperature, mora_mode=a.mora_mode)
-    payload = [surrogate_fingerprint, params, seed, dataset, test_indices, getattr(torchattacks, "__version__", ""),
-               evaluation_code_fingerprint()]
+    payload = [surrogate_fingerprint, params, seed, dataset, test_indices, getattr(torchattacks, "__version__", "")]
+    if with_code:
+        payload.append(evaluation_code_fingerprint())
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -689,33 +696,3 @@ def compute(plan: EvalPlan, *, batch_range: tuple[int, int] | None = None, state
     state = EvalState.load_or_new(state_path, plan.fingerprint, lo, hi, log)
     return _Runner(plan, state, state_path=state_path, cache_dir=cache_dir, progress=progress,
                    should_stop=should_stop, log=log, save_every_s=save_every_s).run(batch_range)
-
-
-def run_evaluation(spec: EvaluateSpec | dict[str, Any], target: Ensemble | str | Path, *,
-                   baseline: Ensemble | str | Path | None = None,
-                   surrogates: Sequence[Ensemble | str | Path] | dict[str, Any] = (),
-                   out_dir: str | Path | None = None, state_path: str | Path | None = None,
-                   cache_dir: str | Path | None = None, dataset: str | None = None, data_dir: str | None = None,
-                   device: torch.device | str | None = None, progress: ProgressFn | None = None,
-                   should_stop: Callable[[], bool] | None = None, log: Callable[[str], None] = print,
-                   plots: bool = True, test_set: TensorDataset | None = None,
-                   surrogate_groups: dict[str, str] | None = None) -> dict[str, Any]:
-    """Evaluate ``target`` (and ``baseline``) under ``spec``; returns the results dict.
-
-    With ``out_dir``, writes ``results.json`` and the PNG plots there, and keeps the resumable state in
-    ``out_dir/eval_state.json`` unless ``state_path`` says otherwise. ``test_set`` replaces the data set's
-    test split (the PROTOCOL subsets are then taken from it).
-    """
-    from ensemble_core.evaluation.records import summarize, write_artifacts
-
-    t0 = time.perf_counter()
-    plan = prepare_plan(spec, target, baseline=baseline, surrogates=surrogates, dataset=dataset,
-                        data_dir=data_dir, device=device, test_set=test_set, surrogate_groups=surrogate_groups)
-    if state_path is None and out_dir is not None:
-        state_path = Path(out_dir) / "eval_state.json"
-    state = compute(plan, state_path=state_path, cache_dir=cache_dir, progress=progress,
-                    should_stop=should_stop, log=log)
-    result = summarize(plan, state, wall_time_s=time.perf_counter() - t0)
-    if out_dir is not None:
-        write_artifacts(result, out_dir, plots=plots)
-    return result

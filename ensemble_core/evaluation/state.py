@@ -21,6 +21,12 @@ import torch
 STATE_FORMAT = "robust-ensembles/eval-state-v1"
 
 
+def column(model: str, *parts: Any) -> str:
+    """The key of one per-example column of an :class:`EvalState`: ``model|part|...`` (floats as ``%g``)."""
+    return "|".join([model, *[p if isinstance(p, str) else f"{p:g}" if isinstance(p, float) else str(p)
+                              for p in parts]])
+
+
 class StateMismatch(ValueError):
     """A state file belongs to another evaluation (different spec, models or examples)."""
 

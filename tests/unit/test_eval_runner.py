@@ -15,7 +15,7 @@ from ensemble_core.data import DatasetInfo, TensorDataset, synthetic_dataset
 from ensemble_core.ensemble import Ensemble
 from ensemble_core.evaluation import EvalState, EvaluationStopped, compute, prepare_plan, run_evaluation
 from ensemble_core.evaluation.records import summarize
-from ensemble_core.evaluation.runner import _col
+from ensemble_core.evaluation.state import column as _col
 
 torch.set_num_threads(1)
 INFO = DatasetInfo("synthetic", 10, 1, 8, (0.5,), (0.25,), False)
@@ -197,6 +197,29 @@ def test_transfer_cache_reused_and_target_independent(target: Ensemble, surrogat
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.pt")} == before  # read, never re-crafted
 
 
+def test_another_code_version_crafts_the_same_transfer_examples(target: Ensemble, surrogate: Ensemble,
+                                                                test_set: TensorDataset, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache is keyed by the code version, the random starts are not: a refactor of the evaluation code
+    (a new fingerprint) crafts bit-identical examples into new cache entries, so it can be checked to keep
+    every number."""
+    from ensemble_core.evaluation import runner
+
+    spec = _spec(attacks=[], transfer_attacks=[{"name": "pgd", "eps": [0.1], "steps": 3, "restarts": 2}],
+                 member_transfer=None, checks={"large_eps": None, "convergence": False, "n_examples": 20})
+    first, second = tmp_path / "a", tmp_path / "b"
+    run_evaluation(spec, target, surrogates=[surrogate], test_set=test_set, cache_dir=first, log=lambda m: None)
+    monkeypatch.setattr(runner, "evaluation_code_fingerprint", lambda: "another-version!")
+    run_evaluation(spec, target, surrogates=[surrogate], test_set=test_set, cache_dir=second, log=lambda m: None)
+    a, b = sorted(first.rglob("*.pt")), sorted(second.rglob("*.pt"))
+    assert a and len(a) == len(b) and {p.name for p in a}.isdisjoint(p.name for p in b)
+    crafted_a = sorted(torch.load(p, weights_only=True).flatten().tolist() for p in a)
+    crafted_b = sorted(torch.load(p, weights_only=True).flatten().tolist() for p in b)
+    assert crafted_a == crafted_b
+    moved = torch.load(a[0], weights_only=True)
+    assert moved.abs().sum() > 0
+
+
 def test_artifacts_and_valid_json(target: Ensemble, surrogate: Ensemble, test_set: TensorDataset,
                                   tmp_path: Path) -> None:
     spec = _spec(transfer_attacks=[{"name": "fgsm", "eps": [0.1, 0.2]}], transfer_n_examples=60)
@@ -311,10 +334,16 @@ def test_the_code_fingerprint_keys_the_state_and_the_transfer_cache(target: Ense
     spec = _spec(attacks=[{"name": "fgsm", "eps": [0.1]}], member_transfer=None)
     p1 = prepare_plan(spec, target, test_set=test_set)
     key1 = runner.transfer_cache_key("fp", AttackSpec(name="pgd"), 0.1, "ce", 0, 0, "synthetic", [1, 2])
+    seed_key1 = runner.transfer_cache_key("fp", AttackSpec(name="pgd"), 0.1, "ce", 0, 0, "synthetic", [1, 2],
+                                          with_code=False)
     monkeypatch.setattr(runner, "evaluation_code_fingerprint", lambda: "another-version!")
     p2 = prepare_plan(spec, target, test_set=test_set)
     key2 = runner.transfer_cache_key("fp", AttackSpec(name="pgd"), 0.1, "ce", 0, 0, "synthetic", [1, 2])
+    seed_key2 = runner.transfer_cache_key("fp", AttackSpec(name="pgd"), 0.1, "ce", 0, 0, "synthetic", [1, 2],
+                                          with_code=False)
     assert p1.fingerprint != p2.fingerprint and key1 != key2
+    # the random starts are seeded without the code version: a refactor keeps the numbers bit for bit
+    assert seed_key1 == seed_key2 != key1
     # a state saved by the other code version is not reused: it is recomputed (and says so)
     state = tmp_path / "state.json"
     compute(p1, state_path=state, log=lambda m: None)

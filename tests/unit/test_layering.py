@@ -4,7 +4,8 @@
 - ``service/`` never imports ``workers/``; ``workers/`` may import ``service/``. The command-line entry point
   that needs both (the ``worker`` command) is ``workers/main.py``, the console script.
 - No import circle among the modules of ``service/`` and ``workers/`` (``service.cli`` and ``service.demo``
-  imported each other, and so did ``service.cli`` and ``service.cli_platform``).
+  imported each other, and so did ``service.cli`` and ``service.cli_platform``), nor among those of
+  ``ensemble_core.evaluation`` (``runner`` and ``records`` imported each other).
 - The wheel's package list in pyproject.toml is the source tree's, plus the directories it maps in.
 
 Every ``import`` statement counts, those inside functions too: a lazy import is still a dependency.
@@ -134,6 +135,14 @@ def test_service_cli_and_demo_do_not_import_each_other() -> None:
 def test_no_import_circle_in_service_or_workers() -> None:
     nodes = {m for m in modules() if _within(m, "service") or _within(m, "workers")}
     assert strongly_connected(nodes) == []
+
+
+def test_no_import_circle_in_the_evaluation() -> None:
+    """``records`` summarises what ``runner`` computed; ``evaluate.run_evaluation`` composes the two (runner
+    imported records lazily to do it, and records took runner's private ``_col``)."""
+    nodes = {m for m in modules() if _within(m, "ensemble_core.evaluation")}
+    assert "ensemble_core.evaluation.records" in nodes and strongly_connected(nodes) == []
+    assert "ensemble_core.evaluation.records" not in graph()["ensemble_core.evaluation.runner"]
 
 
 def test_the_console_script_is_the_composition_root() -> None:
