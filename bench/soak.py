@@ -17,7 +17,8 @@ The chaos loop injects, in a seeded order spread over the run: SIGKILLs of a job
 runs a train job mid-epoch (its process group: the worker and its Ray driver die at once; the lease expires
 and the other worker, or the killed one's replacement, resumes the job from its last checkpoint); SIGKILLs
 of the Ray Train worker process of a running train job (Ray Train restarts the worker group inside the same
-attempt); PostgreSQL restarts (down for 2-5 s); SIGKILLs of one API process (restarted 2 s later).
+attempt; with ``RE_WARM_TRAIN=1`` the run's warm actor, which workers/warm.py replaces inside the attempt);
+PostgreSQL restarts (down for 2-5 s); SIGKILLs of one API process (restarted 2 s later).
 
 At the end, from ``job_events``, ``job_logs``, the artifacts and the answers, it checks:
 
@@ -67,6 +68,7 @@ TUNE: dict[str, Any] = {"search_space": {"label_smoothing": {"type": "choice", "
 FINAL = ("succeeded", "failed", "cancelled")
 EPOCH_LINE = re.compile(r"^stage (\d+) epoch (\d+) ")
 EPOCH_SECONDS = re.compile(r"\| ([0-9.]+)s(?: \||\s*$)")  # "stage 1 epoch 2 | loss 0.15 | ... | 4.1s"
+WARM_PID = re.compile(r"warm trainer on host .*, pid (\d+): job \d+ of this process")  # workers/warm.py
 FAULTS = ("worker_kill", "ray_train_worker_kill", "postgres_restart", "api_kill")
 
 SERVER = r"""
@@ -401,6 +403,12 @@ class Soak:
             return None
         actors = state.actors(actor_state_name="ALIVE").values()
         pids = [int(a["Pid"]) for a in actors if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]
+        kind = "Ray Train worker"
+        if not pids:  # the warm path (RE_WARM_TRAIN=1): the run's warm actor, named by the attempt's log
+            rows = self._db("SELECT line FROM job_logs WHERE job_id = CAST(:id AS uuid) AND attempt = :a "
+                            "ORDER BY id", id=str(row.id), a=row.attempts)
+            pids = [int(m.group(1)) for r in rows if (m := WARM_PID.search(r.line))][-1:]
+            kind = "warm trainer"
         if len(pids) != 1:
             return None
         self._into_the_epoch(seconds)
@@ -408,7 +416,8 @@ class Soak:
             os.kill(pids[0], signal.SIGKILL)
         except ProcessLookupError:
             return None
-        return Injection("ray_train_worker_kill", self.now(), str(row.id), f"pid {pids[0]} after {done} epoch(s)")
+        return Injection("ray_train_worker_kill", self.now(), str(row.id),
+                         f"{kind} pid {pids[0]} after {done} epoch(s)")
 
     def postgres_restart(self) -> Injection:
         assert self.pg is not None
@@ -548,7 +557,7 @@ class Soak:
         injected = Counter(i.fault for i in self.log.injections)
         recoveries = sum(hits.values()) + sum(unprovoked.values())
         return {
-            "config": asdict(self.cfg),
+            "config": {**asdict(self.cfg), "warm_path": os.environ.get("RE_WARM_TRAIN", "") or "off"},
             "injections": {f: injected.get(f, 0) for f in FAULTS},
             "injections_skipped": dict(self.log.skipped),
             "jobs": len(rows), "jobs_by_kind": dict(Counter(r.kind for r in rows.values())),
