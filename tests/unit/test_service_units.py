@@ -161,3 +161,12 @@ def test_evaluate_checkpoints_resolve_to_train_jobs_artifacts_or_paths(tmp_path:
         resolve_checkpoints({"target_job": "t2"}, s)
     with pytest.raises(UserError, match="baseline_checkpoint: no checkpoint file"):
         resolve_checkpoints({"target_job": "t1", "baseline_checkpoint": str(tmp_path / "nope.pt")}, s)
+
+
+def test_train_results_show_the_start_up_breakdown() -> None:
+    from service.report import format_train
+
+    out = format_train({"metrics": {"test_clean_acc": 0.9},
+                        "results": {"startup_s": {"prepare": 0.125, "data": 2.5, "total": 2.625}}})
+    assert "start-up to the first step: 2.6250 s (prepare 0.1250, data 2.5000)" in out
+    assert "start-up" not in format_train({"metrics": {"test_clean_acc": 0.9}, "results": {}})
