@@ -179,7 +179,10 @@ def test_cancel_a_running_and_a_queued_train_job(stack: Stack) -> None:
 
 
 def _committed_epoch(snapshot: Path) -> int:
-    """The last epoch whose checkpoint Ray Train has registered (its run state in the storage path)."""
+    """The last epoch whose checkpoint Ray Train has registered (its run state in the storage path); on the warm
+    path (``snapshot`` is the run's ``warm/`` folder) the newest epoch state written (workers/warm.py)."""
+    if snapshot.name == "warm":
+        return max((int(p.stem.split("-")[1]) for p in snapshot.glob("epoch-*.pt")), default=0)
     try:
         state = json.loads(snapshot.read_text())
     except (OSError, ValueError):
@@ -188,12 +191,17 @@ def _committed_epoch(snapshot: Path) -> int:
     return int((latest.get("metrics") or {}).get("global_epoch") or 0)
 
 
+@pytest.mark.parametrize("path", ["ray_train", "warm"])
 def test_an_expired_lease_requeues_the_job_and_the_next_attempt_resumes_from_the_checkpoint(
-        stack: Stack, pg_url: str) -> None:
+        stack: Stack, pg_url: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train (2 DDP workers), and the warm path (one worker on a warm actor, RE_WARM_TRAIN=1): the actor is
+    owned by worker A's process and dies with it, so it cannot train beside worker B's attempt."""
     import ray
 
+    warm = path == "warm"
+    monkeypatch.setenv("RE_WARM_TRAIN", "1" if warm else "0")  # worker A inherits it; worker B reads it here
     # max_attempts 1: the worker's death is an infrastructure failure and must not spend the only attempt
-    job = stack.submit("train", {**TRAIN, "epochs": 3}, max_attempts=1)
+    job = stack.submit("train", {**TRAIN, "epochs": 3, **({"workers": 1} if warm else {})}, max_attempts=1)
     jid = job["id"]
     # worker A: a separate process on the same Ray cluster and data directory, with a short lease
     env = {**os.environ, "RE_HEARTBEAT_SECONDS": "1", "RE_RETRY_BACKOFF_SECONDS": "1"}
@@ -201,10 +209,12 @@ def test_an_expired_lease_requeues_the_job_and_the_next_attempt_resumes_from_the
            "--database-url", pg_url, "--data-dir", str(stack.settings.data_dir), "--lease-seconds", "4",
            "--max-jobs", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    snapshot = stack.settings.ray_storage_path / jid / "checkpoint_manager_snapshot.json"
+    snapshot = stack.settings.ray_storage_path / jid / ("warm" if warm else "checkpoint_manager_snapshot.json")
     try:
-        # kill A once Ray Train has committed a checkpoint of at least one epoch
-        stack.wait(jid, lambda j: _committed_epoch(snapshot) >= 1, 400)
+        # kill A once a checkpoint of at least one epoch is committed and that epoch is reported (the warm path
+        # writes an epoch's state just before it reports the epoch: killed in between, the epoch's metric points
+        # would never be stored, a gap this test is not about)
+        stack.wait(jid, lambda j: (j["epoch"] or 0) >= 1 and _committed_epoch(snapshot) >= 1, 400)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the worker dies without a word: no release, no final state
         out = proc.communicate(timeout=30)[0].decode(errors="replace")
@@ -232,3 +242,8 @@ def test_an_expired_lease_requeues_the_job_and_the_next_attempt_resumes_from_the
     second = [x["line"] for x in lines if x["attempt"] == 2]
     assert any(f"resuming at stage 1/1, epoch {committed + 1}/3" in x for x in second), second
     assert not any("stage 1 epoch 1 " in x for x in second)
+    assert any("warm trainer on host" in x for x in second) == warm
+    if warm:
+        from workers.warm import POOL
+
+        POOL.release_idle()  # worker B's idle actor gives its core back to the next tests
