@@ -17,7 +17,8 @@ The chaos loop injects, in a seeded order spread over the run: SIGKILLs of a job
 runs a train job mid-epoch (its process group: the worker and its Ray driver die at once; the lease expires
 and the other worker, or the killed one's replacement, resumes the job from its last checkpoint); SIGKILLs
 of the Ray Train worker process of a running train job (Ray Train restarts the worker group inside the same
-attempt; with ``RE_WARM_TRAIN=1`` the run's warm actor, which workers/warm.py replaces inside the attempt);
+attempt; on the warm path, the default for one-worker jobs unless ``RE_WARM_TRAIN=0``, the run's warm actor,
+which workers/warm.py replaces inside the attempt);
 PostgreSQL restarts (down for 2-5 s); SIGKILLs of one API process (restarted 2 s later).
 
 At the end, from ``job_events``, ``job_logs``, the artifacts and the answers, it checks:
@@ -404,7 +405,7 @@ class Soak:
         actors = state.actors(actor_state_name="ALIVE").values()
         pids = [int(a["Pid"]) for a in actors if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]
         kind = "Ray Train worker"
-        if not pids:  # the warm path (RE_WARM_TRAIN=1): the run's warm actor, named by the attempt's log
+        if not pids:  # the warm path (the default): the run's warm actor, named by the attempt's log
             rows = self._db("SELECT line FROM job_logs WHERE job_id = CAST(:id AS uuid) AND attempt = :a "
                             "ORDER BY id", id=str(row.id), a=row.attempts)
             pids = [int(m.group(1)) for r in rows if (m := WARM_PID.search(r.line))][-1:]
@@ -493,6 +494,7 @@ class Soak:
         from ensemble_core.data import load_dataset, test_subset
         from ensemble_core.training import clean_accuracy
         from service.settings import Settings
+        from workers.warm import warm_enabled
 
         torch.set_num_threads(1)
         settings = Settings(data_dir=self.data_dir, database_url=self.url)
@@ -557,7 +559,7 @@ class Soak:
         injected = Counter(i.fault for i in self.log.injections)
         recoveries = sum(hits.values()) + sum(unprovoked.values())
         return {
-            "config": {**asdict(self.cfg), "warm_path": os.environ.get("RE_WARM_TRAIN", "") or "off"},
+            "config": {**asdict(self.cfg), "warm_path": "on" if warm_enabled() else "off"},
             "injections": {f: injected.get(f, 0) for f in FAULTS},
             "injections_skipped": dict(self.log.skipped),
             "jobs": len(rows), "jobs_by_kind": dict(Counter(r.kind for r in rows.values())),

@@ -52,6 +52,18 @@ def pg_url(pg_server: object) -> str:
     return base.replace("postgresql://", "postgresql+psycopg://", 1).replace("/postgres?", f"/{name}?", 1)
 
 
+@pytest.fixture(autouse=True)
+def _no_idle_warm_actor_outlives_its_test() -> Iterator[None]:
+    """One-worker train jobs run on a warm actor by default (workers/warm.py), kept idle after the job; one left
+    by a test would hold one of the session Ray's two cores while the next test asks for both."""
+    yield
+    import sys
+
+    warm = sys.modules.get("workers.warm")
+    if warm is not None:
+        warm.release_idle()
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """One local Ray for the session (about 5 s to start), with its files in a temp dir."""

@@ -77,10 +77,17 @@ def _watch_parent(parent_pid: int, stop: Callable[[], None]) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     """``robust-ensembles worker``: lease jobs and run them with Ray (its options: :func:`service.cli.build_parser`)."""
     from service import migrate
+    from workers.warm import idle_seconds, warm_enabled
     from workers.worker import Worker, connect_ray
 
     setup_logging(args.verbose)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:  # the warm path's settings (workers/warm.py), read again per job: a typo stops the worker here
+        warm_enabled()
+        idle_seconds()
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     settings = command_settings(args)
     with Database(settings) as url:
         current, head = migrate.current_revision(url), migrate.head_revision()

@@ -21,7 +21,7 @@ Run state, resume and failures:
   anything starts, and a ``ValueError`` / ``DataUnavailableError`` raised while a worker sets the
   run up (before the first training step) is reported through the channel and ends the run at once.
 
-With ``RE_WARM_TRAIN=1`` a one-worker job runs instead on a warm actor kept between jobs
+A one-worker job runs instead on a warm actor kept between jobs (unless ``RE_WARM_TRAIN=0``)
 (:mod:`workers.warm`), under the same contract; either path resumes from the other's checkpoints.
 """
 

@@ -27,8 +27,9 @@ The contract of the cold path (docs/reliability.md) holds on this path too:
   run that needs Ray's resources otherwise (a DDP job, a Tune search, a sharded evaluation:
   :func:`release_idle`).
 
-Multi-worker DDP jobs keep Ray Train's ``TorchTrainer`` (workers/ray_train.py). The warm path is off unless
-``RE_WARM_TRAIN=1``.
+Multi-worker DDP jobs keep Ray Train's ``TorchTrainer`` (workers/ray_train.py). The warm path is on by default
+for one-worker train jobs; ``RE_WARM_TRAIN=0`` (or false/no/off) sends them to Ray Train's ``TorchTrainer`` as
+well. It became the default after a full-size kill soak on it (docs/reliability.md, section *Soak*).
 """
 
 from __future__ import annotations
@@ -50,9 +51,19 @@ WARM_DIR = "warm"  # under <storage>/<job id>/
 KEEP_STATES = 2
 
 
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+
+
 def warm_enabled() -> bool:
-    """Whether one-worker train jobs run on a warm actor (``RE_WARM_TRAIN``: 1/true/yes/on)."""
-    return os.environ.get(WARM_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether one-worker train jobs run on a warm actor: yes unless ``RE_WARM_TRAIN`` is 0/false/no/off (unset
+    or empty means on); any other value is an error naming the variable."""
+    raw = os.environ.get(WARM_ENV, "").strip().lower()
+    if raw in _OFF:
+        return False
+    if raw in _ON or raw == "":
+        return True
+    raise ValueError(f"{WARM_ENV} must be one of {', '.join(_ON + _OFF)}, got {os.environ[WARM_ENV]!r}")
 
 
 def idle_seconds() -> float:

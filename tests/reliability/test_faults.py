@@ -379,7 +379,10 @@ def train_worker_pids() -> list[int]:
 
 
 def test_a_killed_ray_train_worker_is_restarted_by_ray_train_and_resumes_without_spending_an_attempt(
-        settings: Settings, worker: WorkerThread, tally: Tally) -> None:
+        settings: Settings, worker: WorkerThread, tally: Tally, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a one-worker job on Ray Train's TorchTrainer (the warm path's actor kill is the soak's and the
+    # expired-lease test's: docs/reliability.md)
+    monkeypatch.setenv("RE_WARM_TRAIN", "0")  # the worker thread reads it per job
     t_start = time.monotonic()
     epochs = 3
     app = create_app(settings, warm=False)

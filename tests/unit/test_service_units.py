@@ -115,6 +115,17 @@ def test_cli_parser_knows_every_command() -> None:
     assert build_parser().parse_args(["worker"]).func is not cmd_worker
 
 
+def test_the_worker_refuses_a_mistyped_warm_setting_before_touching_the_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from workers.main import build_parser as entry_parser
+
+    monkeypatch.setenv("RE_WARM_TRAIN", "maybe")
+    args = entry_parser().parse_args(["worker", "--data-dir", str(tmp_path), "--database-url", "postgresql://x@nowhere/y"])
+    assert args.func(args) == 2
+    assert "RE_WARM_TRAIN must be one of" in caplog.text and "'maybe'" in caplog.text
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
 def test_json_for_jsonb_columns_drops_nan_and_converts_scalars() -> None:
     assert json.loads(to_json({"a": math.nan, "b": [1.0, math.inf], "c": {"d": 2}})) == {"a": None,
                                                                                       "b": [1.0, None], "c": {"d": 2}}

@@ -34,11 +34,21 @@ def test_newest_state_takes_the_state_written_last_of_either_path(tmp_path: Path
     assert newest_state(tmp_path) == w3
 
 
-@pytest.mark.parametrize(("raw", "on"), [("", False), ("0", False), ("no", False), ("1", True), ("true", True),
-                                         (" ON ", True), ("yes", True)])
-def test_warm_enabled_reads_re_warm_train(monkeypatch: pytest.MonkeyPatch, raw: str, on: bool) -> None:
-    monkeypatch.setenv("RE_WARM_TRAIN", raw)
+@pytest.mark.parametrize(("raw", "on"), [(None, True), ("", True), ("0", False), ("no", False), (" Off ", False),
+                                         ("false", False), ("1", True), ("true", True), (" ON ", True),
+                                         ("yes", True)])
+def test_warm_enabled_reads_re_warm_train(monkeypatch: pytest.MonkeyPatch, raw: str | None, on: bool) -> None:
+    if raw is None:
+        monkeypatch.delenv("RE_WARM_TRAIN", raising=False)
+    else:
+        monkeypatch.setenv("RE_WARM_TRAIN", raw)
     assert warm_enabled() is on
+
+
+def test_a_mistyped_re_warm_train_is_an_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RE_WARM_TRAIN", "of")
+    with pytest.raises(ValueError, match="RE_WARM_TRAIN must be one of .*'of'"):
+        warm_enabled()
 
 
 def test_idle_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
