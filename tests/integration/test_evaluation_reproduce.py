@@ -16,13 +16,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_reproduce_quick_baseline_then_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     runs = tmp_path / "runs"
     # the reference AutoAttack is left to its unit tests here (it is the slowest part of the quick set)
-    # (30 white-box and 60 transfer images: what is checked here is the plumbing, not the figures)
-    common = ["--quick", "--runs-dir", str(runs), "--wb-examples", "30", "--transfer-examples", "60",
+    # (30 white-box and 30 transfer images: what is checked here is the plumbing, not the figures)
+    common = ["--quick", "--runs-dir", str(runs), "--wb-examples", "30", "--transfer-examples", "30",
               "--autoattack", "none"]
     assert reproduce.main(["baseline", *common, "--out", str(tmp_path / "baseline.md")]) == 0
     [shared] = list(runs.iterdir())
     cache = sorted(p.name for p in (shared / "transfer-cache").rglob("*.pt"))
-    # (FGSM, BIM, MIM: one copy each; PGD: 3 seeds) × 4 eps × 2 losses × 2 surrogates, one batch of 60 images
+    # (FGSM, BIM, MIM: one copy each; PGD: 3 seeds) × 4 eps × 2 losses × 2 surrogates, one batch of 30 images
     assert len(cache) == 96
     for d in ("baseline-m3", "surrogate-m3-s1", "surrogate-m5-s2"):
         assert (shared / d / "ensemble.pt").exists()
@@ -44,7 +44,7 @@ def test_reproduce_quick_baseline_then_method(tmp_path: Path, capsys: pytest.Cap
     assert data["baseline"]["models"]["target"]["method"] == "baseline"
     tr = [r for r in data["target"]["records"] if r["threat"] == "transfer" and r["surrogate_group"] == "all"
           and not r["attack"].startswith("worst case")]
-    assert len(tr) == 16 and all(r["n_examples"] == 60 for r in tr)
+    assert len(tr) == 16 and all(r["n_examples"] == 30 for r in tr)
     assert {c["surrogate"] for c in tr[0]["components"]} == {"baseline-3 (seed 1)", "baseline-5 (seed 2)",
                                                             "pdd-3 (seed 1)"}
     groups = {r["surrogate_group"] for r in data["target"]["records"] if r["threat"] == "transfer"}
