@@ -290,7 +290,11 @@ def register_model_routes(app: FastAPI, queue: Queue, store: ModelStore) -> None
             raise HTTPException(status_code=409, detail=f"train job {job_id} has no ensemble.pt")
         from ensemble_core import registry_io
 
-        arch, members, combine, spec = registry_io.folder_from_checkpoint(ckpt)
+        try:
+            arch, members, combine, spec = registry_io.folder_from_checkpoint(ckpt)
+        except Exception as e:  # a torn or foreign file: the job's artifact is unusable, not the server
+            raise HTTPException(status_code=409, detail=f"train job {job_id}'s ensemble.pt cannot be read as an "
+                                                        f"ensemble checkpoint ({type(e).__name__})") from None
         try:
             _, canon, report = registry_io.validate_members(arch, members, combine, spec["dataset"])
         except registry_io.UploadError as e:  # a data set without test images here: registered unchecked

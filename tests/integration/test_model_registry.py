@@ -268,6 +268,12 @@ def test_a_succeeded_train_job_registers_with_its_spec(env: Env, tmp_path: Path)
     queued, _ = env.queue.submit("train", {"method": "baseline"}, owner="alice")
     r = env.client.post(f"/v1/jobs/{queued['id']}/register", json={"name": "x"}, headers=env.h(env.alice))
     assert r.status_code == 409 and "is queued" in r.json()["detail"]
+    # a succeeded job whose ensemble.pt is unreadable (torn, or not a checkpoint) is a 409 naming the file,
+    # not a 500 (the API fuzzer found this one)
+    torn_id, _ = _succeeded_train_job(env, "alice", tmp_path / "torn")
+    (env.settings.job_artifacts_dir(torn_id) / "ensemble.pt").write_bytes(b"weights")
+    r = env.client.post(f"/v1/jobs/{torn_id}/register", json={**body, "version": "9"}, headers=env.h(env.alice))
+    assert r.status_code == 409 and "ensemble.pt cannot be read" in r.json()["detail"], r.text
     # an evaluation of the job (target_job) is an evaluation of the model
     ev = env.client.post("/v1/jobs", json={"kind": "evaluate", "spec": {"target_job": job_id}},
                          headers=env.h(env.alice)).json()
