@@ -150,7 +150,8 @@ def test_fuzzing_the_openapi_schema_finds_no_5xx(pg_url: str, tmp_path: Path) ->
 def test_stateful_sequences_find_no_5xx(pg_url: str, tmp_path: Path) -> None:
     """Sequences of calls chained by the links schemathesis 4 infers from the schema (a job created by
     ``POST /v1/jobs`` is then read, cancelled, listed, its logs and artifacts asked for ...), against the
-    same app with auth on. Tokens rotate (a hash of the case picks one) between a user, an admin, another
+    same app with auth on, every sequence from the same seeded state. Tokens rotate (a hash of the operation and
+    the call's place in the sequence picks one) between a user, an admin, another
     owner and none; a ``logs`` call never follows (a job created here never ends). The property: no 5xx, no exception.
     Printed: ``fuzz stateful: <sequences> sequences, <steps> steps (<linked> following a link) ...``."""
     import zlib
