@@ -11,6 +11,7 @@ import importlib
 
 BENCHMARKS = {
     "methods": "bench.methods",
+    "conv_layout": "bench.conv_layout",
     "data": "bench.data_path",
     "ddp": "bench.ddp",
     "service": "bench.service_overhead",

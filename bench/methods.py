@@ -19,7 +19,7 @@ from bench.common import header, save, table, timeit_auto
 from ensemble_core.data import DATASET_INFO, load_dataset, to_float
 from ensemble_core.methods import get_method, method_names
 from ensemble_core.methods.base import Method, StepContext, TrainNet
-from ensemble_core.models import build_model
+from ensemble_core.models import build_model, place
 from ensemble_core.spec import TrainSpec
 
 PRIMITIVES = ("fwd", "fwd_bwd", "input_grad", "double")
@@ -51,7 +51,7 @@ def _batch(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 def primitives(arch: str, x: torch.Tensor, y: torch.Tensor, reps: int) -> dict[str, float]:
     """Seconds per pass of one member for each primitive of ``Method.step_cost``."""
     info = DATASET_INFO["mnist"]
-    m = build_model(arch, mean=info.mean, std=info.std)
+    m = place(build_model(arch, mean=info.mean, std=info.std), "cpu")  # the layout training uses
 
     def fwd() -> None:
         with torch.no_grad():
@@ -92,7 +92,7 @@ def step_time(method_name: str, arch: str, members: int, x: torch.Tensor, y: tor
         nets.append(build_model(arch, mean=info.mean, std=info.std, **method.model_kwargs(arch)))
     rep = getattr(nets[0], "rep", None)
     rep_dim = rep.out_features if isinstance(rep, torch.nn.Linear) else nets[0].feature_dim
-    net = TrainNet(nets, method.build_aux(nets[0].feature_dim, rep_dim), method)
+    net = place(TrainNet(nets, method.build_aux(nets[0].feature_dim, rep_dim), method), "cpu")
     stage = method.stages()[-1]  # DKD: the last member, with every earlier member frozen
     net.set_stage(stage)
     opt = torch.optim.Adam(list(net.trainable_parameters()), lr=1e-3)

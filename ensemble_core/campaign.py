@@ -460,19 +460,23 @@ def run_train_unit(unit: TrainUnit, paths: Paths, *, device: str = "cpu", commit
     ckpt = save_checkpoint(slim, paths.checkpoint(unit.id))
     clean = clean_outcomes(ckpt, resolved["dataset"], resolved.get("data_dir"), device)
     history = result.history
-    keep = ("epoch", "stage", "stage_name", "global_epoch", "lr", "epoch_time_s", "sel_clean_acc", "val_clean_acc",
-            "member_collapse")
+    keep = ("epoch", "stage", "stage_name", "global_epoch", "lr", "epoch_time_s", "epoch_cpu_s", "sel_clean_acc",
+            "val_clean_acc", "member_collapse")
     hist = [{k: v for k, v in h.items() if k in keep or k.startswith(("train_", "sel_member_acc_"))} for h in history]
     train_time = sum(float(h.get("epoch_time_s", 0.0)) for h in history)
+    cpu = [h.get("epoch_cpu_s") for h in history]
+    train_cpu = round(sum(float(c) for c in cpu), 1) if cpu and all(c is not None for c in cpu) else None
     record = {
         "format": TRAIN_FORMAT, "campaign": unit.campaign, "unit": unit.id, "role": unit.role, "row": unit.row,
         "configuration": unit.configuration, "configuration_title": configuration(unit.configuration).title,
         "seed": unit.seed, "declared_spec": unit.spec, "declared_digest": unit.digest, "resolved_spec": resolved,
         "checkpoint": {"path": paths.rel(ckpt), "sha256": _sha256(ckpt), "bytes": ckpt.stat().st_size,
                        "content": "members and auxiliary modules, no optimizer state"},
-        "train_time_s": round(train_time, 1),
-        "train_time_note": "sum of the epochs' training time over every (resumed) run; excludes per-epoch "
-                           "monitoring on the 1,000-image selection subset",
+        "train_time_s": round(train_time, 1), "train_cpu_s": train_cpu,
+        "train_time_note": "train_time_s: sum of the epochs' wall time over every (resumed) run, including any time "
+                           "the process was paused or waiting for a core; train_cpu_s: the same epochs' CPU time of "
+                           "the training process (null where an epoch was trained before it was recorded); both "
+                           "exclude per-epoch monitoring on the 1,000-image selection subset",
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "last_run_wall_s": round(time.time() - started, 1),
         "machine": _machine(device), "code": _git_head(paths.root),
         "final_metrics": _round(result.metrics), "clean": clean, "history": _round(hist, 5),
@@ -620,6 +624,32 @@ def run_eval_unit(unit: EvalUnit, paths: Paths, *, device: str = "cpu", commit: 
 # ------------------------------------------------------------------------------------------- runner
 
 
+def robust_wall_s(rec: dict[str, Any]) -> float:
+    """A unit's training wall time with pauses left out: per stage, the median epoch wall time × its epochs.
+
+    A paused process (SIGSTOP during a quiet measurement) or a machine busy for a while inflates a few epochs'
+    ``epoch_time_s``; their median is what an epoch takes on this machine as it usually is. The ETA clock reads
+    this, not the recorded sum. Falls back to ``train_time_s`` for a record without a history."""
+    by_stage: dict[Any, list[float]] = {}
+    for h in rec.get("history") or []:
+        if h.get("epoch_time_s") is not None:
+            by_stage.setdefault(h.get("stage", 0), []).append(float(h["epoch_time_s"]))
+    if not by_stage:
+        return float(rec.get("train_time_s") or 0.0)
+    return sum(statistics.median(v) * len(v) for v in by_stage.values())
+
+
+def train_time_cell(rec: dict[str, Any]) -> str:
+    """The report's training time of one record: the measured CPU time where recorded (``train_cpu_s``, CPU
+    runs), else the pause-free estimate :func:`robust_wall_s` marked ``≈ … †``."""
+    on_cpu = not str(rec.get("machine", {}).get("device", "cpu")).startswith("cuda")
+    if on_cpu and rec.get("train_cpu_s"):
+        return _fmt_s(float(rec["train_cpu_s"]))
+    if not on_cpu:
+        return _fmt_s(float(rec.get("train_time_s") or 0.0)) + " (wall)"
+    return f"≈ {_fmt_s(robust_wall_s(rec))} †"
+
+
 def _fmt_s(s: float) -> str:
     s = max(0.0, s)
     return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min"
@@ -654,7 +684,7 @@ def run_training(c: Campaign, paths: Paths, *, device: str = "cpu", commit: bool
         if train_done(paths, u):
             rec = json.loads(paths.train_record(u.id).read_text())
             if str(rec.get("machine", {}).get("device", "cpu")).startswith("cuda") == on_device:
-                clock.add(costs[u.id], float(rec.get("train_time_s") or 0.0))
+                clock.add(costs[u.id], robust_wall_s(rec))
     todo = [u for u in units if not train_done(paths, u)]
     log(f"[campaign {c.name}] {len(units) - len(todo)}/{len(units)} training units recorded, {len(todo)} to train; "
         f"estimated {_fmt_s(sum(costs[u.id] for u in todo) * clock.rate)} at {1000 * clock.rate * 3:.0f} ms per "
@@ -669,7 +699,7 @@ def run_training(c: Campaign, paths: Paths, *, device: str = "cpu", commit: bool
             f"{time.strftime('%a %H:%M', time.localtime(time.time() + left))}")
         t0 = time.time()
         rec = run_train_unit(u, paths, device=device, commit=commit, log=log, campaign=c)
-        clock.add(costs[u.id], float(rec.get("train_time_s") or time.time() - t0))
+        clock.add(costs[u.id], robust_wall_s(rec) or time.time() - t0)
         trained.append(u.id)
         left = sum(costs[v.id] for v in todo[i + 1:]) * clock.rate
         log(f"[campaign {c.name}] unit {i + 1}/{len(todo)} {u.id}: done in {_fmt_s(time.time() - t0)}, clean "
@@ -738,7 +768,7 @@ def render_report(c: Campaign, paths: Paths) -> str:
                 if u.row == row.key and train_done(paths, u)]
         accs = [rec["clean"]["acc"] for rec in recs]
         members = "; ".join("/".join(f"{100 * a:.1f}" for a in rec["clean"]["member_acc"]) for rec in recs) or "–"
-        tt = ", ".join(_fmt_s(rec["train_time_s"]) for rec in recs) or "–"
+        tt = ", ".join(train_time_cell(rec) for rec in recs) or "–"
         lines.append(f"| {row.label} | `{row.configuration}` | {', '.join(str(rec['seed']) for rec in recs) or '–'} "
                      f"| {_mean_sd(accs)} | {members} | {tt} |")
     lines += ["", "## Black-box transfer", ""]
@@ -750,7 +780,11 @@ def render_report(c: Campaign, paths: Paths) -> str:
         "", f"{n_done} of {len(units)} training units recorded; checkpoints "
         f"{sum(paths.checkpoint(u.id).stat().st_size for u in units if train_done(paths, u)) / 1e6:.1f} MB in "
         "`checkpoints/` (members and auxiliary modules only). Training times are on a shared 2-core CPU, one "
-        "thread, niced, next to other jobs: indicative only."]
+        "thread, niced, next to other jobs: indicative only. A time is the training process's CPU time over "
+        "the epochs (`train_cpu_s`); † marks a record made before CPU time was kept: the median epoch's wall "
+        "time × epochs, per stage, which leaves out the epochs the process spent paused (SIGSTOP during quiet "
+        "measurements of the test suite) but not a slower machine; the record's `train_time_s` is the plain wall "
+        "sum, pauses included."]
     if not evals:
         lines += ["No evaluation unit is recorded yet (`--phase eval`). The paper's figures the cells will be set "
                   f"against ({paper.get('table', '–')}; {paper.get('metric', '')}):", ""]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ensemble_core.ensemble import Ensemble
-from ensemble_core.models import MemberNet, build_model
+from ensemble_core.models import MemberNet, build_model, place
 
 FORMAT = "robust-ensembles/checkpoint-v1"
 
@@ -77,7 +77,7 @@ def ensemble_from_state(state: dict[str, Any], combine: str | None = None,
         m = build_member(arch)
         m.load_state_dict(sd)
         members.append(m)
-    ens = Ensemble(members, combine or state["combine"]).to(device)
+    ens = place(Ensemble(members, combine or state["combine"]), device)
     ens.eval()
     for p in ens.parameters():
         p.requires_grad_(False)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ensemble_core.ensemble import Ensemble
-from ensemble_core.models import MemberNet, build_model
+from ensemble_core.models import MemberNet, build_model, place
 
 CONFIG_FORMAT = "robust-ensembles/hf-ensemble-v1"
 CONFIG_FILE = "config.json"
@@ -445,7 +445,7 @@ def load_folder(folder: str | Path, combine: str | None = None, device: str | to
         raise ValueError(f"{folder}: config.json says {config['members']} members, {WEIGHTS_FILE} holds "
                          f"{len(members)}")
     ens = Ensemble([member_from_tensors(config["arch"], t) for t in members], combine or config["combine"])
-    ens = ens.to(device).eval()
+    ens = place(ens, device).eval()
     for p in ens.parameters():
         p.requires_grad_(False)
     return ens

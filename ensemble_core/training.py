@@ -34,7 +34,7 @@ from ensemble_core.datacache import load_dataset_cached
 from ensemble_core.ensemble import Ensemble
 from ensemble_core.methods import get_method
 from ensemble_core.methods.base import Method, StepContext, TrainNet
-from ensemble_core.models import build_model
+from ensemble_core.models import build_model, place
 from ensemble_core.spec import OptimizerSpec, ScheduleSpec, TrainSpec
 
 
@@ -165,7 +165,7 @@ def setup_run(spec: TrainSpec, device: torch.device,
     rep_layer = getattr(members[0], "rep", None)
     rep_dim = rep_layer.out_features if isinstance(rep_layer, nn.Linear) else members[0].feature_dim
     aux = method.build_aux(members[0].feature_dim, rep_dim)
-    net = TrainNet(members, aux, method).to(device)
+    net = place(TrainNet(members, aux, method), device)
     if on_phase is not None:
         on_phase("model")
     return RunSetup(spec, method, net, train, val, selection, test, members[0].arch_config)
@@ -256,7 +256,7 @@ def train_ensemble(spec: TrainSpec | dict[str, Any], *, device: torch.device | s
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * factor
             net.train()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             sums: dict[str, torch.Tensor] = {}
             steps = 0
             epoch_seed = (spec.seed * 1_000_003 + stage_idx * 10_007 + epoch) * 100_003
@@ -288,7 +288,8 @@ def train_ensemble(spec: TrainSpec | dict[str, Any], *, device: torch.device | s
             metrics: dict[str, Any] = {f"train_{k}": float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
             metrics.update(stage=stage_idx, stage_name=stage.name, epoch=epoch + 1,
                            global_epoch=stage_idx * passes + epoch + 1, total_epochs=total_epochs,
-                           lr=optimizer.param_groups[0]["lr"], epoch_time_s=time.perf_counter() - t0)
+                           lr=optimizer.param_groups[0]["lr"], epoch_time_s=time.perf_counter() - t0,
+                           epoch_cpu_s=time.process_time() - c0)
             state = None
             if rank == 0:
                 metrics.update(_epoch_eval(setup, stage, device))

@@ -59,6 +59,7 @@ from ensemble_core.evaluation.attacks import (
 from ensemble_core.evaluation.codeversion import evaluation_code_fingerprint
 from ensemble_core.evaluation.state import EvalState
 from ensemble_core.evaluation.state import column as _col
+from ensemble_core.models import place
 from ensemble_core.spec import AttackSpec, EvaluateSpec
 
 ProgressFn = Callable[[float, str], None]
@@ -148,7 +149,7 @@ def load_model(obj: Ensemble | str | Path | EvalModel, name: str, *, combine: st
         return obj
     if isinstance(obj, Ensemble):
         ens = obj.with_combine(combine) if combine else obj
-        ens.to(device).eval()
+        place(ens, device).eval()
         return EvalModel(name, ens, "in-memory", _weights_fingerprint(ens) + ":" + ens.combine)
     path = Path(obj)
     if not path.exists():

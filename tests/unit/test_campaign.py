@@ -87,6 +87,9 @@ def test_tiny_campaign_trains_records_skips_and_resumes(tiny_paths: Paths) -> No
     assert rec["format"] == cp.TRAIN_FORMAT and rec["configuration"] == "gal-lsd" and rec["seed"] == 1
     assert rec["resolved_spec"]["hyperparameters"]["ce_reduction"] == "mean"
     assert rec["resolved_spec"]["optimizer"]["eps"] == 1e-7 and len(rec["history"]) == 2  # 1 + 1 passes
+    # CPU time is kept per epoch and summed; it cannot exceed the wall time much (one thread)
+    assert rec["train_cpu_s"] == pytest.approx(sum(h["epoch_cpu_s"] for h in rec["history"]), abs=0.11)
+    assert 0 < rec["train_cpu_s"] <= 1.5 * rec["train_time_s"] + 0.2
     ck = tiny_paths.checkpoint("gal-s1")
     assert rec["checkpoint"]["bytes"] == ck.stat().st_size and load_checkpoint(ck)["optimizer"] is None
     # the packed clean outcomes are the checkpoint's: decode and recompute the accuracy
@@ -207,3 +210,20 @@ def test_dkd_table3_compares_the_lenet_surrogate_with_table_three() -> None:
         assert e.paper_group == "lenet" and sorted(e.groups.values()) == ["baseline", "lenet", "same-method"]
         assert [AttackSpec.model_validate(a).eps for a in e.extra_transfer_attacks] == [[0.04, 0.08]]
     assert c.paper_denominator == "all" and cp.get_campaign("cldl-table4").paper_denominator == "clean_correct"
+
+
+def test_training_time_leaves_out_paused_epochs() -> None:
+    """A unit paused (SIGSTOP) for an hour in one epoch: the report shows its CPU time, or, in a record made
+    before CPU time was kept, per stage the median epoch × epochs, and the ETA clock reads the latter."""
+    hist = ([{"stage": 0, "epoch_time_s": t} for t in (100.0, 110.0, 3700.0, 90.0, 105.0)]
+            + [{"stage": 1, "epoch_time_s": t} for t in (300.0, 320.0, 310.0)])
+    rec = {"history": hist, "train_time_s": sum(h["epoch_time_s"] for h in hist), "machine": {"device": "cpu"}}
+    assert cp.robust_wall_s(rec) == 105.0 * 5 + 310.0 * 3  # medians 105 and 310, not the 5,035 s wall sum
+    assert cp.train_time_cell(rec) == "≈ 24 min †"
+    assert cp.train_time_cell({**rec, "train_cpu_s": 1500.0}) == "25 min"  # measured CPU time wins
+    assert cp.train_time_cell({**rec, "machine": {"device": "cuda:0"}, "train_cpu_s": 9.0}) == "84 min (wall)"
+    assert cp.robust_wall_s({"train_time_s": 42.0}) == 42.0  # no history: the recorded sum
+    clock = cp.CostClock()
+    clock.add(10.0, cp.robust_wall_s(rec))
+    assert clock.rate == pytest.approx(145.5)
+
