@@ -781,10 +781,12 @@ def render_report(c: Campaign, paths: Paths) -> str:
         f"{sum(paths.checkpoint(u.id).stat().st_size for u in units if train_done(paths, u)) / 1e6:.1f} MB in "
         "`checkpoints/` (members and auxiliary modules only). Training times are on a shared 2-core CPU, one "
         "thread, niced, next to other jobs: indicative only. A time is the training process's CPU time over "
-        "the epochs (`train_cpu_s`); † marks a record made before CPU time was kept: the median epoch's wall "
-        "time × epochs, per stage, which leaves out the epochs the process spent paused (SIGSTOP during quiet "
-        "measurements of the test suite) but not a slower machine; the record's `train_time_s` is the plain wall "
-        "sum, pauses included."]
+        "the epochs (`train_cpu_s`); † marks a record with epochs trained before CPU time was kept (code before "
+        "7adaa7b): the median epoch's wall time × epochs, per stage, which leaves out the epochs the process "
+        "spent paused (SIGSTOP during quiet measurements of the test suite) but not a slower machine; the "
+        "record's `train_time_s` is the plain wall sum, pauses included. Those epochs also ran with the default "
+        "convolution weight layout, 1.2–1.5× slower per LeNet-5 pass on this CPU than the channels-last layout "
+        "used since (`python -m bench conv_layout`), so † times do not compare with the others."]
     if not evals:
         lines += ["No evaluation unit is recorded yet (`--phase eval`). The paper's figures the cells will be set "
                   f"against ({paper.get('table', '–')}; {paper.get('metric', '')}):", ""]
