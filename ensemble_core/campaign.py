@@ -695,7 +695,7 @@ def run_training(c: Campaign, paths: Paths, *, device: str = "cpu", commit: bool
             break
         left = sum(costs[v.id] for v in todo[i:]) * clock.rate
         log(f"[campaign {c.name}] unit {i + 1}/{len(todo)} {u.id} ({u.configuration}, seed {u.seed}): start, est. "
-            f"{_fmt_s(costs[u.id] * clock.rate)}; all remaining {_fmt_s(left)}, ETA "
+            f"{_fmt_s(costs[u.id] * clock.rate)}; all remaining training {_fmt_s(left)} (evaluation not included), ETA "
             f"{time.strftime('%a %H:%M', time.localtime(time.time() + left))}")
         t0 = time.time()
         rec = run_train_unit(u, paths, device=device, commit=commit, log=log, campaign=c)
