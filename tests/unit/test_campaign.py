@@ -31,7 +31,7 @@ TINY = Campaign("tiny", "tiny test campaign", "lsd-mnist",
                 rows=(Row("baseline", "baseline", "Baseline"), Row("gal", "gal-lsd", "GAL (LSD)", "GAL")),
                 seeds=(0, 1), surrogates=(SurrogateDecl("sur", "baseline", 100),),
                 eval_subset=64, overrides={"dataset": "synthetic", "train_subset": 200, "epochs": 1,
-                                           "members": 2})
+                                           "members": 2}, whitebox_seeds=(0,))
 
 
 def test_pack_bits_by_hand() -> None:
@@ -148,6 +148,12 @@ def test_tiny_campaign_evaluates_and_keys_on_the_evaluation_code(tiny_paths: Pat
     assert mean >= tr[0]["robust_acc"] - 1e-9  # the mean over sets is never below the per-image worst case
     state = cp.decompress_json(rec["per_example_state_zlib_b64"])
     assert state["hi"] - state["lo"] == 12
+    # the white-box suite runs on the whitebox_seeds' targets only; the others are scored by transfer alone
+    assert any(r["threat"] == "white-box" and r["model"] == "target" for r in rec["records"])
+    rec1 = json.loads(tiny_paths.eval_record("gal-s1").read_text())
+    assert rec1["evaluation_spec"]["attacks"] == [] and rec["evaluation_spec"]["attacks"]
+    assert not any(r["threat"] == "white-box" for r in rec1["records"])
+    assert any(r["threat"] == "transfer" and r["model"] == "target" for r in rec1["records"])
     # same code and spec: skipped; changed evaluation code: re-evaluated, the training untouched
     t_rec = tiny_paths.eval_record("baseline-s0").stat().st_mtime_ns
     logs: list[str] = []
@@ -163,6 +169,10 @@ def test_tiny_campaign_evaluates_and_keys_on_the_evaluation_code(tiny_paths: Pat
     page = cp.render_report(TINY, tiny_paths)
     assert "| GAL (LSD) | `gal-lsd` | 0, 1 |" in page, page
     assert "| GAL (LSD) | fgsm" in page
+    wb = page[page.index("## White-box"):]
+    worst = next(r for r in rec["records"] if r["model"] == "target" and r["threat"] == "worst-case"
+                 and r["attack"].startswith("worst case (Linf"))
+    assert f"| GAL (LSD) | 0.1 | {100 * worst['robust_acc']:.1f} (n 1)" in wb and "seed 0;" in wb, wb
 
 
 def test_git_commit_commits_exactly_the_units_files(tmp_path: Path) -> None:
