@@ -786,6 +786,9 @@ def render_report(c: Campaign, paths: Paths) -> str:
         lines.append(f"| {row.label} | `{row.configuration}` | {', '.join(str(rec['seed']) for rec in recs) or '–'} "
                      f"| {_mean_sd(accs)} | {members} | {tt} |")
     lines += ["", "## Black-box transfer", ""]
+    if (paths.results / "preliminary" / "README.md").exists():
+        lines += ["Before the evaluation units: `preliminary/README.md` scores the seed-0 targets by transfer from "
+                  "the two baseline surrogates only (not campaign records; what it measured is stated there).", ""]
     evals = {u.id: json.loads(paths.eval_record(u.id).read_text()) for u in eval_units(c)
              if paths.eval_record(u.id).exists()}
     paper = c.paper or {}

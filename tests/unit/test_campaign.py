@@ -237,3 +237,22 @@ def test_training_time_leaves_out_paused_epochs() -> None:
     clock.add(10.0, cp.robust_wall_s(rec))
     assert clock.rate == pytest.approx(145.5)
 
+
+def test_the_preliminary_page_is_what_its_script_makes_of_its_record() -> None:
+    """docs/results/cldl-table4/preliminary: README.md is regenerated from the JSON beside it, byte for byte, and
+    its cells are the JSON's (a hand edit of either fails here)."""
+    import importlib.util
+
+    folder = Path(__file__).resolve().parents[2] / "docs/results/cldl-table4/preliminary"
+    spec = importlib.util.spec_from_file_location("prelim_run", folder / "run.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    page = mod.page()
+    assert page == (folder / "README.md").read_text()
+    data = json.loads((folder / "seed0-baseline-surrogates.json").read_text())
+    r = next(r for r in data["cldl-3-4-4-s0"]["records"] if r["attack"].startswith("pgd") and r["eps"] == 0.2)
+    assert r["n_robust"] / r["n_clean_correct"] == pytest.approx(r["robust_acc_among_correct"])
+    assert f"| CLDL(3,4,4) | {100 * r['clean_acc']:.1f} |" in page
+    assert f"{100 * r['robust_acc_among_correct']:.1f} / 58.94" in page  # ours beside Table IV's PGD ε 0.2
+

@@ -1,0 +1,140 @@
+"""Preliminary transfer scores of cldl-table4's seed-0 targets from the two baseline surrogates only.
+
+Not a campaign record: the campaign's evaluation units (``--phase eval``) also need the same-method surrogate
+(the next seed), which is not trained yet. This uses the campaign's own evaluation spec (PROTOCOL's transfer
+set on the seeded 2,000-image slice of the report subset) and its transfer cache, so the surrogates'
+adversarial examples computed here are the ones the campaign's units will reuse.
+
+    OMP_NUM_THREADS=1 nice -n 15 python docs/results/cldl-table4/preliminary/run.py baseline-s0,adp-s0,...
+
+writes ``seed0-baseline-surrogates.json`` beside this file (one entry per target, merged with what is there);
+``run.py --page`` writes ``README.md`` from it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ensemble_core.campaign import Paths, campaign_evaluation_spec, eval_units, get_campaign, paper_mean, train_done
+from ensemble_core.evaluation import run_evaluation
+
+OUT = Path(__file__).with_name("seed0-baseline-surrogates.json")
+
+
+def main(targets: list[str]) -> None:
+    torch.set_num_threads(1)
+    c = get_campaign("cldl-table4")
+    paths = Paths.of(c)
+    done = json.loads(OUT.read_text()) if OUT.exists() else {}
+    for u in eval_units(c):
+        if u.target.id not in targets or u.target.id in done or not train_done(paths, u.target):
+            continue
+        ckpt = paths.checkpoint(u.target.id)
+        spec = {**campaign_evaluation_spec("mnist", str(ckpt)), "attacks": []}  # transfer only
+        surs = {n: str(paths.checkpoint(s.id)) for n, s in u.surrogates if s.role == "surrogate"}
+        t0 = time.time()
+        res = run_evaluation(spec, ckpt, surrogates=surs, out_dir=Path(tempfile.mkdtemp()),
+                             cache_dir=paths.runs / "transfer-cache", device="cpu", plots=False,
+                             surrogate_groups={n: u.groups[n] for n in surs}, log=lambda m: None)
+        recs = [r for r in res["records"] if r["model"] == "target" and r["threat"] == "transfer"]
+        keep = ("attack", "eps", "n_examples", "clean_acc", "robust_acc", "robust_acc_among_correct",
+                "n_clean_correct", "n_robust", "flags", "unreliable", "attack_params")
+        done[u.target.id] = {"surrogates": {n: u.groups[n] for n in surs}, "wall_s": round(time.time() - t0, 1),
+                             "evaluation_spec": {k: v for k, v in spec.items() if k != "target_checkpoint"},
+                             "paper_mean": paper_mean(res["records"], "all"),
+                             "records": [{k: r.get(k) for k in keep} for r in recs]}
+        OUT.write_text(json.dumps(done, indent=1, sort_keys=True, default=str) + "\n")
+        print(f"{u.target.id}: {time.time() - t0:.0f} s", flush=True)
+
+
+def _cell(rec: dict[str, Any] | None) -> float | None:
+    return None if rec is None or rec.get("robust_acc_among_correct") is None else 100 * rec["robust_acc_among_correct"]
+
+
+def page() -> str:
+    """The preliminary page: per row, ours (seed 0, among clean-correct) beside Table IV's figure."""
+    c = get_campaign("cldl-table4")
+    data = json.loads(OUT.read_text())
+    paper = c.paper
+    fams = ("fgsm", "bim", "mim", "pgd")
+
+    def rec(unit: str, fam: str, eps: float) -> dict[str, Any] | None:
+        return next((r for r in data[unit]["records"] if str(r["attack"]).startswith(fam) and r["eps"] == eps), None)
+
+    rows = [(row, f"{row.key}-s0") for row in c.rows if f"{row.key}-s0" in data]
+    any_unit = rows[0][1]
+    spec = data[any_unit]["evaluation_spec"]
+    attacks = ", ".join(sorted({str(r["attack"]) for r in data[any_unit]["records"]
+                                if not str(r["attack"]).startswith("worst")}))
+    lines = ["# cldl-table4, preliminary: seed 0 by transfer from the two baseline surrogates", "",
+             "**Not a campaign record, and not the campaign's result.** One training seed (0) per row; the transfer "
+             "sets of the two baseline surrogates only (`surrogate-b3`, seed 100, 3 × LeNet-5; `surrogate-b5`, "
+             "seed 101, 5 × LeNet-5; the paper's surrogate group); the same-method surrogate and seeds 1 and 2 come "
+             "with the campaign's evaluation units. Written by `python docs/results/cldl-table4/preliminary/run.py "
+             "--page` from `seed0-baseline-surrogates.json` (made by `run.py <targets>`, commands in its "
+             "docstring).", "",
+             "- Targets: the campaign's seed-0 checkpoints in `../checkpoints/`, trained at the full budget "
+             "(60k MNIST, 21 passes, batch 128, Adam 1e-3; `../README.md`).",
+             f"- Attacks: PROTOCOL's transfer set ({attacks}), crafted on the log of each surrogate's mean "
+             "probabilities (PROTOCOL.md), "
+             f"L∞, ε {', '.join(f'{e:g}' for e in paper['eps'])}; evaluation seed {spec['seed']}; a seeded "
+             f"{spec['transfer_n_examples']:,}-image slice of the 9,000-image report subset (the paper: 9,000).",
+             "- Ours: per image, the worst case over both surrogates, both losses (CE, CW κ 0.1) and, for PGD, 3 "
+             "random starts; accuracy among the target's clean-correct images of the slice (Table IV's "
+             "denominator). The paper's: worst case over 12 transfer sets (2 baseline surrogates × CE/CW × 3 "
+             "seeds) of the same attacks (spec cldl §6.1: AdverTorch, 10 iterations, step ε/5, PGD from a uniform "
+             "random start), on the LSD code's own training of each row.", "",
+             "## ε = 0.2 (Table IV's headline column)", "",
+             "| row | clean % (slice) | " + " | ".join(f"{f.upper()} ours / paper / diff" for f in fams) + " |",
+             "|---|---|" + "---|" * len(fams)]
+    for row, unit in rows:
+        col = paper["columns"].get(row.paper_column or "", {})
+        clean = rec(unit, "pgd", 0.2)
+        cells = []
+        for f in fams:
+            ours = _cell(rec(unit, f, 0.2))
+            p = col.get(f.upper(), [None] * 4)[paper["eps"].index(0.2)] if col else None
+            cells.append(f"{ours:.1f} / {'–' if p is None else f'{p:.2f}'} / "
+                         f"{'–' if p is None else f'{ours - p:+.1f}'}")
+        lines.append(f"| {row.label} | {100 * clean['clean_acc']:.1f} | " + " | ".join(cells) + " |")
+    head = " | ".join(f"ε {e:g} ours / paper" for e in paper["eps"])
+    lines += ["", "## PGD at every ε", "", f"| row | {head} |", "|---|" + "---|" * len(paper["eps"])]
+    for row, unit in rows:
+        col = paper["columns"].get(row.paper_column or "", {}).get("PGD")
+        cells = []
+        for i, e in enumerate(paper["eps"]):
+            ours = _cell(rec(unit, "pgd", e))
+            cells.append(f"{ours:.1f} / {'–' if not col else f'{col[i]:.2f}'}")
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    i2 = paper["eps"].index(0.2)
+    ours = {r.label: _cell(rec(u, "pgd", 0.2)) for r, u in rows}
+    theirs = {r.label: paper["columns"][r.paper_column]["PGD"][i2] for r, _ in rows if r.paper_column}
+    ranked = sorted(((v, lab) for lab, v in ours.items()), reverse=True)
+    p_ranked = sorted(((v, lab) for lab, v in theirs.items()), reverse=True)
+    lines += ["", "## PGD at ε 0.2: order and gaps", "",
+              "Ours (seed 0): " + " > ".join(f"{lab} {v:.2f}" for v, lab in ranked) + ".",
+              "The paper's (rows we have trained): " + " > ".join(f"{lab} {v:.2f}" for v, lab in p_ranked) + ".", "",
+              "| gap (paper's order) | paper | ours, seed 0 |", "|---|---|---|"]
+    for (pa, a), (pb, b) in zip(p_ranked, p_ranked[1:], strict=False):
+        lines.append(f"| {a} − {b} | {pa - pb:+.2f} | {ours[a] - ours[b]:+.2f} |")
+    for a, b in (("CLDL(3,4,4)", "TRS (LSD)"),):  # the lead issue #21 quotes
+        if a in theirs and b in theirs:
+            lines.append(f"| {a} − {b} (the lead issue #21 quotes) | {theirs[a] - theirs[b]:+.2f} | "
+                         f"{ours[a] - ours[b]:+.2f} |")
+    lines += ["", "One training seed cannot separate a gap of a few points from seed noise; the campaign's three "
+              "seeds (mean ± sd, `../README.md`) decide which of the paper's gaps hold.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--page"]:
+        OUT.with_name("README.md").write_text(page())
+    else:
+        main(sys.argv[1].split(","))
