@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ def model_names() -> list[str]:
     return sorted(_MODELS)
 
 
-ModuleT = Any  # an nn.Module subclass; kept loose so callers keep their own type
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def place(module: ModuleT, device: torch.device | str) -> ModuleT:

@@ -70,3 +70,24 @@ def test_normalisation_happens_inside_the_model() -> None:
     m2 = build_model("lenet5", mean=(0.0,), std=(1.0,))
     m2.load_state_dict(m.state_dict())  # mean/std are buffers saved with the weights
     assert torch.allclose(m2(x), m(x))
+
+
+def test_place_stores_conv_weights_channels_last_on_a_cpu_and_keeps_the_outputs() -> None:
+    """models.place: on a CPU every 4-d weight is channels-last (oneDNN's fast layout), 2-d ones are untouched,
+    the module is the same object, and the logits equal the default layout's to float precision."""
+    from ensemble_core.models import place
+
+    torch.manual_seed(0)
+    m = build_model("lenet5", 10)
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        before = m(x).clone()
+    placed = place(m, "cpu")
+    assert placed is m
+    convs = [p for p in m.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)  # the layout really changed (20 > 1 channels)
+    assert all(p.is_contiguous() for p in m.parameters() if p.dim() == 2)
+    with torch.no_grad():
+        assert torch.allclose(m(x), before, atol=1e-5)
+
