@@ -174,7 +174,8 @@ CAMPAIGNS: dict[str, Campaign] = {c.name: c for c in [
                "AutoAttack standard at ε 0.2, on a 500-image slice) on seed 0's targets only. Table IV is a transfer "
                "table, and the white-box suite, a check that a row's robustness is not an artefact of weak "
                "attacks, costs about as much as a target's transfer evaluation here (155 s for CLDL(3,4,4) seed 0 "
-               "on a 100-image slice, one thread, so ≈ 13 min at 500; the same-method surrogate's examples ≈ 13 "
+               "on a 100-image slice, one thread, `preliminary/whitebox-probe-cldl-3-4-4-s0-100.json`, so ≈ 13 "
+               "min at 500; the same-method surrogate's examples ≈ 13 "
                "min, 3/8 of the 35 min the two baseline surrogates' 8 members took): seed 0 only saves ≈ 3 h "
                "of the evaluation phase on this CPU. `whitebox_seeds=None` runs it for every seed.")),
     Campaign(
