@@ -859,8 +859,67 @@ def render_report(c: Campaign, paths: Paths) -> str:
             lines.append(f"| {row.label} | {attack} | {eps:g} | {_mean_sd(d['all'])} | {_mean_sd(d['cc'])} | "
                          f"{'–' if p is None else f'{p:.2f}'} | {diff} | {_mean_sd(d['pm'])} |")
     lines.append("")
+    lines += _claims_section(c, evals)
     lines += _whitebox_section(c, evals)
     return "\n".join(lines)
+
+
+def claim_verdict(diffs: list[float]) -> str:
+    """Whether "A above B" holds, from the per-seed differences A − B (same training seed, paired).
+
+    ``held``: the mean difference is positive and more than two standard errors (sd / √n) from 0; ``not held``:
+    negative by more than two standard errors; otherwise ``not resolved with n seeds`` (always with one
+    seed, whose spread is unknown)."""
+    n = len(diffs)
+    if n < 2:
+        return f"not resolved with {n} seed{'s' if n != 1 else ''}"
+    mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(n)
+    if mean > 2 * se:
+        return "held"
+    if mean < -2 * se:
+        return "not held"
+    return f"not resolved with {n} seeds"
+
+
+def _claims_section(c: Campaign, evals: dict[str, dict[str, Any]]) -> list[str]:
+    """One sentence per claim of the paper's table at its headline ε: each row above the next in the paper's
+    order, per attack family, from the per-seed paired differences of our cells (the paper's denominator)."""
+    paper = c.paper or {}
+    eps_list = paper.get("eps", [])
+    eps0 = paper.get("headline_eps", 0.2)
+    if eps0 not in eps_list or not evals:
+        return []
+    key = "robust_acc_among_correct" if c.paper_denominator == "clean_correct" else "robust_acc"
+    ours: dict[tuple[str, str], dict[int, float]] = {}  # (row label, family) -> seed -> value
+    for u in eval_units(c):
+        rec = evals.get(u.id)
+        for r in (rec or {}).get("records", []):
+            if r.get("threat") == "transfer" and r.get("model") == "target" and float(r["eps"]) == eps0 and \
+                    r.get("surrogate_group", c.paper_group) == c.paper_group and \
+                    not str(r["attack"]).startswith("worst") and r.get(key) is not None:
+                fam = str(r["attack"]).split("-")[0].split(" ")[0].upper()
+                row = next(x for x in c.rows if x.key == u.target.row)
+                ours.setdefault((row.label, fam), {})[u.target.seed] = 100 * r[key]
+    out = [f"## The paper's claims at ε {eps0:g}", "",
+           "Each row above the next one in the paper's order, per attack family: the paper's gap, ours as mean ± sd "
+           "of the per-seed differences (the same training seed on both sides), and the verdict: *held* when our "
+           "mean gap is positive by more than two standard errors, *not held* when negative by more than two, "
+           "otherwise *not resolved* at that number of seeds.", "",
+           "| claim | paper | ours | verdict |", "|---|---|---|---|"]
+    i0 = eps_list.index(eps0)
+    for fam in sorted({f for col in paper.get("columns", {}).values() for f in col if isinstance(col[f], list)}):
+        ranked = sorted(((col[fam][i0], row.label) for row in c.rows
+                         if (col := paper["columns"].get(row.paper_column or "")) and fam in col
+                         and (row.label, fam) in ours), reverse=True)
+        for (pa, a), (pb, b) in zip(ranked, ranked[1:], strict=False):
+            seeds = sorted(set(ours[(a, fam)]) & set(ours[(b, fam)]))
+            diffs = [ours[(a, fam)][s] - ours[(b, fam)][s] for s in seeds]
+            if not diffs:
+                continue
+            sd = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+            out.append(f"| {a} above {b}, {fam} | {pa - pb:+.2f} | {statistics.mean(diffs):+.1f}{sd} (n "
+                       f"{len(diffs)}) | {claim_verdict(diffs)} |")
+    return [*out, ""] if len(out) > 5 else []
 
 
 def _whitebox_section(c: Campaign, evals: dict[str, dict[str, Any]]) -> list[str]:

@@ -256,3 +256,29 @@ def test_the_preliminary_page_is_what_its_script_makes_of_its_record() -> None:
     assert f"| CLDL(3,4,4) | {100 * r['clean_acc']:.1f} |" in page
     assert f"{100 * r['robust_acc_among_correct']:.1f} / 58.94" in page  # ours beside Table IV's PGD ε 0.2
 
+
+def test_claims_are_judged_from_paired_seed_differences() -> None:
+    """The page's claims section: per attack family at the headline ε, each row above the next in the paper's
+    order; verdicts from the per-seed paired differences (two standard errors), computed here by hand."""
+    assert cp.claim_verdict([3.0]) == "not resolved with 1 seed"
+    assert cp.claim_verdict([1.0, -1.0]) == "not resolved with 2 seeds"
+    assert cp.claim_verdict([10.0, 11.0, 12.0]) == "held"  # mean 11, se 1/√3
+    assert cp.claim_verdict([-5.0, -6.0, -7.0]) == "not held"
+    assert cp.claim_verdict([1.0, 5.0, -2.0]) == "not resolved with 3 seeds"  # mean 1.33, se 2.03
+    c = Campaign("claims", "claims test", "lsd-mnist",
+                 rows=(Row("adp", "adp-lsd", "ADP (LSD)", "ADP"), Row("gal", "gal-lsd", "GAL (LSD)", "GAL")),
+                 seeds=(0, 1, 2), surrogates=(SurrogateDecl("sur", "baseline", 100),),
+                 paper={"eps": [0.1, 0.2], "columns": {"GAL": {"PGD": [80.0, 30.0]}, "ADP": {"PGD": [70.0, 20.0]}}})
+
+    def rec(v: float, group: str = "baseline") -> dict[str, Any]:
+        return {"threat": "transfer", "model": "target", "eps": 0.2, "surrogate_group": group,
+                "attack": "pgd-10x3 (ce+cw)", "robust_acc_among_correct": v}
+
+    evals = {f"gal-s{s}": {"records": [rec(g), rec(0.99, "same-method")]} for s, g in enumerate((0.30, 0.32, 0.31))}
+    evals.update({f"adp-s{s}": {"records": [rec(a)]} for s, a in enumerate((0.20, 0.21, 0.19))})
+    lines = cp._claims_section(c, evals)
+    assert "| GAL (LSD) above ADP (LSD), PGD | +10.00 | +11.0 ± 1.0 (n 3) | held |" in lines, lines
+    del evals["gal-s2"]  # two seeds left: differences 10 and 11
+    assert "| GAL (LSD) above ADP (LSD), PGD | +10.00 | +10.5 ± 0.7 (n 2) | held |" in cp._claims_section(c, evals)
+    assert cp._claims_section(c, {}) == []
+
