@@ -169,6 +169,18 @@ def test_tiny_campaign_evaluates_and_keys_on_the_evaluation_code(tiny_paths: Pat
     page = cp.render_report(TINY, tiny_paths)
     assert "| GAL (LSD) | `gal-lsd` | 0, 1 |" in page, page
     assert "| GAL (LSD) | fgsm" in page
+    # with a paper figure: the cell says whether it lies within two of our seed sd of our mean (by hand)
+    vals = [100 * next(r["robust_acc"] for r in json.loads(tiny_paths.eval_record(f"gal-s{s}")
+                                                                         .read_text())["records"]
+                       if r["threat"] == "transfer" and r["model"] == "target" and r.get("surrogate_group") ==
+                       "baseline" and r["attack"].startswith("fgsm") and r["eps"] == 0.1) for s in (0, 1)]
+    mean, sd = sum(vals) / 2, abs(vals[0] - vals[1]) / 2 ** 0.5
+    for figure in (mean + 2 * sd + 0.5, mean):
+        with_paper = Campaign(**{**TINY.__dict__, "paper_denominator": "all",  # the tiny plan keeps no clean-correct
+                                 "paper": {"eps": [0.1], "columns": {"GAL": {"FGSM": [figure]}}}})
+        line = next(x for x in cp.render_report(with_paper, tiny_paths).splitlines()
+                    if x.startswith("| GAL (LSD) | fgsm"))
+        assert line.split(" | ")[7] == ("no" if figure > mean + 2 * sd else "yes"), line
     wb = page[page.index("## White-box"):]
     worst = next(r for r in rec["records"] if r["model"] == "target" and r["threat"] == "worst-case"
                  and r["attack"].startswith("worst case (Linf"))
