@@ -13,31 +13,12 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import header, save, table, timeit_auto
+from bench.methods import member_passes
 from ensemble_core.models import build_model
 
 ARCHS = (("lenet5", 1, 28, 128), ("dkd_mnist", 1, 28, 64), ("resnet20", 3, 32, 128))
-
-
-def _passes(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-    def fwd_bwd() -> None:
-        m.zero_grad(set_to_none=True)
-        F.cross_entropy(m(x), y).backward()
-
-    def input_grad() -> None:
-        xi = x.clone().requires_grad_(True)
-        torch.autograd.grad(F.cross_entropy(m(xi), y), xi)
-
-    def double() -> None:
-        m.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(True)
-        loss = F.cross_entropy(m(xi), y)
-        (g,) = torch.autograd.grad(loss, xi, create_graph=True)
-        (loss + g.pow(2).sum()).backward()
-
-    return {"fwd_bwd": fwd_bwd, "input_grad": input_grad, "double": double}
 
 
 def run(reps: int = 3) -> dict[str, Any]:
@@ -54,9 +35,9 @@ def run(reps: int = 3) -> dict[str, Any]:
                 ref = m(x)
             for name in ("fwd_bwd", "input_grad", "double"):
                 m = m.to(memory_format=torch.contiguous_format)
-                default = timeit_auto(_passes(m, x, y)[name], reps)
+                default = timeit_auto(member_passes(m, x, y)[name], reps)
                 m = m.to(memory_format=torch.channels_last)
-                last = timeit_auto(_passes(m, x, y)[name], reps)
+                last = timeit_auto(member_passes(m, x, y)[name], reps)
                 rows.append({"arch": arch, "batch": batch, "pass": name, "default_ms": 1000 * default,
                              "channels_last_ms": 1000 * last, "ratio": default / last})
             with torch.no_grad():

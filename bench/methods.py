@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -48,10 +48,8 @@ def _batch(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return to_float(ds.images[:batch]), ds.labels[:batch]
 
 
-def primitives(arch: str, x: torch.Tensor, y: torch.Tensor, reps: int) -> dict[str, float]:
-    """Seconds per pass of one member for each primitive of ``Method.step_cost``."""
-    info = DATASET_INFO["mnist"]
-    m = place(build_model(arch, mean=info.mean, std=info.std), "cpu")  # the layout training uses
+def member_passes(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """One member's pass of each primitive of ``Method.step_cost``, as a callable to time."""
 
     def fwd() -> None:
         with torch.no_grad():
@@ -72,7 +70,14 @@ def primitives(arch: str, x: torch.Tensor, y: torch.Tensor, reps: int) -> dict[s
         (g,) = torch.autograd.grad(loss, xi, create_graph=True)
         (loss + g.pow(2).sum()).backward()
 
-    fns = {"fwd": fwd, "fwd_bwd": fwd_bwd, "input_grad": input_grad, "double": double}
+    return {"fwd": fwd, "fwd_bwd": fwd_bwd, "input_grad": input_grad, "double": double}
+
+
+def primitives(arch: str, x: torch.Tensor, y: torch.Tensor, reps: int) -> dict[str, float]:
+    """Seconds per pass of one member for each primitive of ``Method.step_cost``."""
+    info = DATASET_INFO["mnist"]
+    m = place(build_model(arch, mean=info.mean, std=info.std), "cpu")  # the layout training uses
+    fns = member_passes(m, x, y)
     return {name: timeit_auto(fns[name], reps) for name in PRIMITIVES}
 
 
