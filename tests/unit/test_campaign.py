@@ -5,6 +5,7 @@ unit's files."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,30 @@ def test_the_preliminary_page_is_what_its_script_makes_of_its_record() -> None:
     assert r["n_robust"] / r["n_clean_correct"] == pytest.approx(r["robust_acc_among_correct"])
     assert f"| CLDL(3,4,4) | {100 * r['clean_acc']:.1f} |" in page
     assert f"{100 * r['robust_acc_among_correct']:.1f} / 58.94" in page  # ours beside Table IV's PGD ε 0.2
+    check = json.loads((folder / "advertorch-check.json").read_text())
+    c = check["0.2"]["cells"]["cldl-3-4-4-s0"]["pgd"]
+    assert c["ours"] == pytest.approx(100 * r["robust_acc_among_correct"], abs=0.005)  # the same cell, both files
+    assert f"| CLDL(3,4,4) | PGD | {c['ours']:.2f} | {c['advertorch ce+cw']:.2f} | {c['advertorch ce+cw-lsd']:.2f} |" \
+        in page
+
+
+def test_the_lsd_cw_loss_is_the_degenerate_form_the_page_describes() -> None:
+    """advertorch_check.py's two CW losses on log-probabilities, by hand: ours is the margin to the best other
+    class; the LSD code's form compares log p_y with 0 (the masked true entry), so it is −relu(log p_y + κ)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "docs/results/cldl-table4/preliminary/advertorch_check.py"
+    spec = importlib.util.spec_from_file_location("advertorch_check", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # advertorch itself is imported only when attacking
+    z = torch.log(torch.tensor([[0.95, 0.04, 0.01], [0.5, 0.3, 0.2]]))
+    y = torch.tensor([0, 0])
+    # ours: −relu(log .95 − log .04 + .1) − relu(log .5 − log .3 + .1)
+    want_cw = -((math.log(0.95 / 0.04) + 0.1) + (math.log(0.5 / 0.3) + 0.1))
+    assert float(mod.cw_margin_loss(z, y)) == pytest.approx(want_cw, rel=1e-5)
+    # LSD's: −relu(log .95 + .1) − relu(log .5 + .1) = −(0.1 − 0.051293) − 0
+    assert float(mod.cw_lsd_loss(z, y)) == pytest.approx(-(math.log(0.95) + 0.1), rel=1e-5)
 
 
 def test_claims_are_judged_from_paired_seed_differences() -> None:
