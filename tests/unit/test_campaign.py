@@ -25,12 +25,14 @@ from ensemble_core.campaign import (
     unpack_bits,
 )
 from ensemble_core.checkpoint import load_checkpoint, load_ensemble
+from ensemble_core.configurations import train_spec
 
 torch.set_num_threads(1)
 
 TINY = Campaign("tiny", "tiny test campaign", "lsd-mnist",
                 rows=(Row("baseline", "baseline", "Baseline"), Row("gal", "gal-lsd", "GAL (LSD)", "GAL")),
-                seeds=(0, 1), surrogates=(SurrogateDecl("sur", "baseline", 100),),
+                seeds=(0, 1), surrogates=(SurrogateDecl("sur", "baseline", 100),
+                                          SurrogateDecl("init", "baseline", None, group="same-init")),
                 eval_subset=64, overrides={"dataset": "synthetic", "train_subset": 200, "epochs": 1,
                                            "members": 2}, whitebox_seeds=(0,))
 
@@ -47,22 +49,32 @@ def test_pack_bits_by_hand() -> None:
 def test_cldl_table4_order_keys_and_surrogates() -> None:
     c = cp.get_campaign("cldl-table4")
     units = train_units(c)
-    assert len(units) == 7 * 3 + 2
+    assert len(units) == 7 * 3 + 2 + 3  # rows x seeds, PROTOCOL's two surrogates, lsd-b5 per seed
     seeds = [u.seed for u in units if u.role == "target"]
     assert seeds == sorted(seeds)  # seed 0 of every row first, then 1, then 2
-    first = [u.id for u in units[:9]]
-    assert first[-1] == "dverge-s0" and {"surrogate-b3-s100", "surrogate-b5-s101"} <= set(first)
-    costs = [cp.estimate_cost(u.spec) for u in units[:9]]
+    first = [u.id for u in units[:10]]
+    assert first[-1] == "dverge-s0" and {"surrogate-b3-s100", "surrogate-b5-s101", "lsd-b5-s0"} <= set(first)
+    costs = [cp.estimate_cost(u.spec) for u in units[:10]]
     assert costs == sorted(costs)  # cheapest first within a seed
     assert all(u.spec["epochs"] == 20 and u.spec["extra_pass"] and u.spec["eval_subset"] == 9000 for u in units)
     by_id = {u.id: u for u in units}
     assert by_id["trs-s1"].spec["hyperparameters"]["smooth_points"] == "clean"
     assert by_id["surrogate-b5-s101"].spec["members"] == 5
+    assert by_id["lsd-b5-s2"].spec == train_spec("baseline-5", recipe_name="lsd-mnist", seed=2,
+                                                 overrides={"eval_subset": 9000})
+    assert "lsd-b3-s0" not in by_id  # seed-matched 3-member baseline = the baseline row's own unit
     for e in eval_units(c):
         names = [n for n, _ in e.surrogates]
-        assert len(names) == 3 and all(s.id != e.target.id for _, s in e.surrogates)
+        assert all(s.id != e.target.id for _, s in e.surrogates)
         same = [s for n, s in e.surrogates if n.startswith("same-method")]
         assert same[0].configuration == e.target.configuration and same[0].seed == (e.target.seed + 1) % 3
+        init = {n: s.id for n, s in e.surrogates if e.groups[n] == "same-init"}
+        s = e.target.seed
+        if e.target.row == "baseline":  # never against itself: the 5-member one only
+            assert init == {f"lsd-b5 (seed {s})": f"lsd-b5-s{s}"} and len(names) == 4
+        else:
+            assert init == {f"lsd-b3 (seed {s})": f"baseline-s{s}", f"lsd-b5 (seed {s})": f"lsd-b5-s{s}"}
+            assert len(names) == 5
 
 
 def test_cost_estimate_orders_the_methods() -> None:
@@ -138,9 +150,13 @@ def test_tiny_campaign_evaluates_and_keys_on_the_evaluation_code(tiny_paths: Pat
     done = cp.run_evaluations(TINY, tiny_paths, log=lambda m: None)
     assert done == [u.id for u in eval_units(TINY)]
     rec = json.loads(tiny_paths.eval_record("gal-s0").read_text())
-    assert rec["format"] == cp.EVAL_FORMAT and set(rec["surrogates"]) == {"sur (seed 100)",
+    assert rec["format"] == cp.EVAL_FORMAT and set(rec["surrogates"]) == {"sur (seed 100)", "init (seed 0)",
                                                                            "same-method gal (seed 1)"}
-    assert {v["group"] for v in rec["surrogates"].values()} == {"baseline", "same-method"}
+    assert {v["group"] for v in rec["surrogates"].values()} == {"baseline", "same-init", "same-method"}
+    assert rec["surrogates"]["init (seed 0)"]["unit"] == "baseline-s0"  # seed-matched: the row's own unit
+    # ... and never the target itself: the baseline row has no same-init surrogate at all
+    rec_b = json.loads(tiny_paths.eval_record("baseline-s0").read_text())
+    assert set(rec_b["surrogates"]) == {"sur (seed 100)", "same-method baseline (seed 1)"}
     tr = [r for r in rec["records"] if r["threat"] == "transfer" and r["model"] == "target"
           and r.get("surrogate_group") == "baseline" and r.get("components")]
     assert tr and len(tr[0]["components"]) == 2  # the baseline surrogate x 2 losses
@@ -170,6 +186,15 @@ def test_tiny_campaign_evaluates_and_keys_on_the_evaluation_code(tiny_paths: Pat
     page = cp.render_report(TINY, tiny_paths)
     assert "| GAL (LSD) | `gal-lsd` | 0, 1 |" in page, page
     assert "| GAL (LSD) | fgsm" in page
+    # the same-init group gets its own table, from its own records (not the paper group's)
+    init_part = page[page.index("## Black-box transfer from the `same-init` surrogates"):page.index("## White-box")]
+    init_vals = [100 * next(r["robust_acc"] for r in json.loads(tiny_paths.eval_record(f"gal-s{s}").read_text())
+                            ["records"] if r["threat"] == "transfer" and r["model"] == "target"
+                            and r.get("surrogate_group") == "same-init" and r["attack"].startswith("fgsm"))
+                 for s in (0, 1)]
+    mean_i = sum(init_vals) / 2
+    assert f"| GAL (LSD) | fgsm (ce+cw) | 0.1 | {mean_i:.1f} ± " in init_part, init_part
+    assert "| Baseline | fgsm" not in init_part  # its only seed-matched surrogate would be itself
     # with a paper figure: the cell says whether it lies within two of our seed sd of our mean (by hand)
     vals = [100 * next(r["robust_acc"] for r in json.loads(tiny_paths.eval_record(f"gal-s{s}")
                                                                          .read_text())["records"]
