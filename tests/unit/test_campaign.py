@@ -300,6 +300,25 @@ def test_the_preliminary_page_is_what_its_script_makes_of_its_record() -> None:
         in page
 
 
+def test_cldl_page_quotes_the_advertorch_check() -> None:
+    """docs/methods/cldl.md's figures on the LSD code's evaluation are the preliminary record's (seed 0, ε 0.2)."""
+    root = Path(__file__).resolve().parents[2]
+    text = " ".join((root / "docs/methods/cldl.md").read_text().split())
+    data = json.loads((root / "docs/results/cldl-table4/preliminary/advertorch-check.json").read_text())
+    cells = data["0.2"]["cells"]
+    lsd = {f: max(c[f]["advertorch ce+cw-lsd"] - c[f]["advertorch ce+cw"] for c in cells.values())
+           for f in ("pgd", "fgsm")}
+    assert f"at most {lsd['pgd']:.1f} points at PGD ε 0.2 ({lsd['fgsm']:.1f} at FGSM)" in text
+    lib = max(abs(c[f]["advertorch ce+cw"] - c[f]["ours"]) for c in cells.values() for f in c if f in
+              ("fgsm", "bim", "mim", "pgd"))
+    assert f"at most {lib:.2f} points from AdverTorch's" in text
+    same, indep = data["0.2 baseline-s0"]["cells"], data["0.2 surrogate-b3-s100"]["cells"]
+    drop = {u: indep[u]["pgd"]["advertorch ce+cw-lsd"] - same[u]["pgd"]["advertorch ce+cw-lsd"] for u in same}
+    others = [v for u, v in drop.items() if u != "cldl-3-4-4-s0"]
+    assert f"by {min(others):.1f}–{max(others):.1f} points at PGD ε 0.2, and CLDL(3,4,4) by " \
+           f"{drop['cldl-3-4-4-s0']:.1f}" in text
+
+
 def test_the_lsd_cw_loss_is_the_degenerate_form_the_page_describes() -> None:
     """advertorch_check.py's two CW losses on log-probabilities, by hand: ours is the margin to the best other
     class; the LSD code's form compares log p_y with 0 (the masked true entry), so it is −relu(log p_y + κ)."""

@@ -16,7 +16,9 @@ project for this check only, then run::
 
 It writes ``advertorch-check.json`` beside this file (merged per ε with what is there). A second argument replaces
 the surrogates, e.g. ``0.2 surrogate-b3=baseline-s0`` (a surrogate that shares the seed-0 targets' initial weights,
-as the LSD code's do) or ``0.2 surrogate-b3=surrogate-b3-s100``; those entries are keyed ``"<ε> <units>"``.
+as the LSD code's do), ``0.2 surrogate-b3=surrogate-b3-s100``, or ``0.2 surrogate-b3=surrogate-b5-s101[:3]`` (the
+first three members of a unit: another independent 3-member baseline, as a control); those entries are keyed
+``"<ε> <units>"``.
 
 Attack parameters, spec cldl §6.1 (our own reading of the spec, not the LSD code): untargeted, L∞, clipped to
 [0,1], on the surrogate's ``log(mean softmax)``; FGSM (GradientSignAttack), BIM (LinfBasicIterativeAttack), MIM
@@ -43,7 +45,9 @@ import torch
 import torch.nn as nn
 
 from ensemble_core.campaign import Paths, campaign_evaluation_spec, get_campaign
+from ensemble_core.checkpoint import load_ensemble
 from ensemble_core.data import to_float
+from ensemble_core.ensemble import Ensemble
 from ensemble_core.evaluation.runner import deployed_predict, load_model, prepare_plan, transfer_view
 
 OUT = Path(__file__).with_name("advertorch-check.json")
@@ -100,6 +104,16 @@ def _attacks(view: nn.Module, eps: float, loss: str) -> dict[str, Any]:
             "pgd": LinfPGDAttack(view, **common, **it, rand_init=True)}
 
 
+def _surrogate(paths: Paths, unit: str) -> Any:
+    """A unit's checkpoint path, or, for ``unit[:k]``, an ensemble of its first k members (e.g. the first three
+    members of the 5-member baseline: an independent 3-member baseline, since baseline members train alone)."""
+    if "[:" not in unit:
+        return str(paths.checkpoint(unit))
+    name, k = unit[:-1].split("[:")
+    ens = load_ensemble(paths.checkpoint(name))
+    return Ensemble(list(ens.members)[:int(k)], combine=ens.combine)
+
+
 def main(eps_list: list[float], surrogates: tuple[tuple[str, str], ...] = SURROGATES) -> None:
     """Score every target (but a surrogate) under AdverTorch's transfer sets from ``surrogates`` (name, unit)."""
     torch.set_num_threads(1)
@@ -108,7 +122,7 @@ def main(eps_list: list[float], surrogates: tuple[tuple[str, str], ...] = SURROG
     ckpt = {u: paths.checkpoint(u) for u in TARGETS if u not in dict(surrogates).values()}
     first = next(iter(ckpt))
     spec = {**campaign_evaluation_spec("mnist", str(ckpt[first])), "attacks": []}
-    surs = {n: str(paths.checkpoint(u)) for n, u in surrogates}
+    surs = {n: _surrogate(paths, u) for n, u in surrogates}
     plan = prepare_plan(spec, ckpt[first], surrogates=surs, dataset="mnist", device="cpu")
     x = to_float(plan.images[plan.in_tr])
     y = plan.labels[plan.in_tr]
