@@ -92,6 +92,11 @@ class TrainSpec(StrictModel):
     combine: str | None = Field(None, description="inference rule; default: the method's")
     eval_subset: int = Field(2000, ge=0, le=10_000, description="test images scored for clean accuracy at the end")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    data_seed: int | None = Field(
+        None, ge=0, le=2**31 - 1,
+        description="seed of the data side alone (validation split, batch order, augmentation, each step's random "
+                    "draws); default: seed. Members are always initialised from seed, so two specs that differ only "
+                    "here start from the same weights and see different data")
     workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = False
     deterministic: bool = False
@@ -170,6 +175,11 @@ class TrainSpec(StrictModel):
         if not self.drop_last and self.workers > 1:
             raise ValueError("drop_last: keeping the last incomplete batch needs workers = 1 (equal DDP shares)")
         return self
+
+    @property
+    def data_order_seed(self) -> int:
+        """The seed of the data side: ``data_seed``, or ``seed`` when unset."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def passes(self) -> int:

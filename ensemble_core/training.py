@@ -147,7 +147,7 @@ def setup_run(spec: TrainSpec, device: torch.device,
     info = DATASET_INFO[spec.dataset]
     full_train = load_dataset_cached(spec.dataset, "train", spec.data_dir)  # decoded once per machine
     full_test = load_dataset_cached(spec.dataset, "test", spec.data_dir)
-    train, val = train_val_split(full_train, spec.val_size, spec.seed, spec.train_subset)
+    train, val = train_val_split(full_train, spec.val_size, spec.data_order_seed, spec.train_subset)
     selection = test_subset(full_test, "selection")
     test = test_subset(full_test, "report", n=spec.eval_subset or None)
     if on_phase is not None:
@@ -215,7 +215,7 @@ def train_ensemble(spec: TrainSpec | dict[str, Any], *, device: torch.device | s
     stages = method.stages()
     info = DATASET_INFO[spec.dataset]
     augment = info.augment_by_default if spec.augment is None else spec.augment
-    loader = GlobalBatchLoader(setup.train, spec.batch_size, spec.seed, rank, world_size, device, augment,
+    loader = GlobalBatchLoader(setup.train, spec.batch_size, spec.data_order_seed, rank, world_size, device, augment,
                                flip=spec.hflip, drop_last=spec.drop_last)
     passes = spec.passes  # epochs, plus one with extra_pass (the CLDL reference code's range(0, epochs + 1))
     history: list[dict[str, Any]] = []
@@ -259,7 +259,7 @@ def train_ensemble(spec: TrainSpec | dict[str, Any], *, device: torch.device | s
             t0, c0 = time.perf_counter(), time.process_time()
             sums: dict[str, torch.Tensor] = {}
             steps = 0
-            epoch_seed = (spec.seed * 1_000_003 + stage_idx * 10_007 + epoch) * 100_003
+            epoch_seed = (spec.data_order_seed * 1_000_003 + stage_idx * 10_007 + epoch) * 100_003
             for batch in loader.epoch(stage_idx * 100_000 + epoch):
                 g = torch.Generator().manual_seed(epoch_seed + batch.index)
                 ctx = StepContext(epoch, batch.index, stage_idx, rank, world_size, batch.global_size,

@@ -136,8 +136,8 @@ def _tune_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     method = None
     if robust is not None:  # the same held-out images the loop validates on (same seeded split)
         info = DATASET_INFO[spec.dataset]
-        _, val = train_val_split(load_dataset(spec.dataset, "train", spec.data_dir), spec.val_size, spec.seed,
-                                 spec.train_subset)
+        _, val = train_val_split(load_dataset(spec.dataset, "train", spec.data_dir), spec.val_size,
+                                 spec.data_order_seed, spec.train_subset)
         method = get_method(spec.method).from_spec_dict(spec.hyperparameters, members=spec.members,
                                                         num_classes=info.num_classes, dataset=spec.dataset,
                                                         architecture=spec.architecture)
