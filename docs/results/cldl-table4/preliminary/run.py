@@ -244,7 +244,13 @@ def _advertorch_section(rows: list[Any]) -> list[str]:
                   "+19.75 and +12.03). Seed 0, one surrogate at a time. A surrogate that starts from the defender's "
                   "initial weights is not a black-box attacker: the campaign keeps PROTOCOL's independent "
                   "surrogates for its headline and declares the LSD code's pair (3- and 5-member baselines at the "
-                  "target's own seed) as a second, labelled surrogate group (`same-init`).", ""]
+                  "target's own seed) as a second, labelled surrogate group (`same-init`).", "",
+                  "Read from the LSD code, not measured yet: its ADP, GAL and TRS trainers draw nothing from the "
+                  "torch RNG between building the members and the first batch, so they also share the 3-member "
+                  "surrogate's data order and flips; CLDL builds its label confusion model first, so its order "
+                  "differs. Here every row shares `baseline-s0`'s order. The next run trains CLDL(3,4,4) from the "
+                  "seed-0 weights with another data order (`data_seed`) and scores it against the same-init pair.",
+                  ""]
     return lines
 
 
