@@ -86,13 +86,17 @@ class SurrogateDecl:
     configuration: str
     seed: int | None
     group: str = "baseline"  # the evaluation's per-group transfer worst case
+    data_seed_offset: int | None = None  # seed-matched only: train with data_seed = seed + offset (other data)
 
     def label(self, seed: int) -> str:
         return f"{self.key} (seed {seed})"
 
     @property
     def seed_text(self) -> str:
-        return "the target's own seed" if self.seed is None else f"seed {self.seed}"
+        if self.seed is not None:
+            return f"seed {self.seed}"
+        return "the target's own seed" + ("" if self.data_seed_offset is None
+                                           else f", data_seed = seed + {self.data_seed_offset}")
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,7 @@ CAMPAIGNS: dict[str, Campaign] = {c.name: c for c in [
         seeds=(0, 1, 2),
         surrogates=(SurrogateDecl("surrogate-b3", "baseline", 100), SurrogateDecl("surrogate-b5", "baseline-5", 101),
                     SurrogateDecl("lsd-b3", "baseline", None, group="same-init"),
-                    SurrogateDecl("lsd-b5", "baseline-5", None, group="same-init")),
+                    SurrogateDecl("lsd-b5", "baseline-5", None, group="same-init", data_seed_offset=1000)),
         paper=CLDL_TABLE_IV, whitebox_seeds=(0,),
         notes=("Budget: the full 60k MNIST training set, 20 + 1 passes (the LSD code's range(0, epochs + 1)), batch "
                "128 with the last partial batch kept (469 steps per pass), Adam lr 1e-3, eps 1e-7, weight decay "
@@ -198,8 +202,10 @@ CAMPAIGNS: dict[str, Campaign] = {c.name: c for c in [
                "its training scripts all call `torch.manual_seed(seed)` before building the members, and "
                "`eval/surrogate.py` loads the 3- and 5-member baselines of the targets' own seed, so its "
                "surrogates start from the targets' initial weights. Here: the baseline row's unit at the target's "
-               "seed (`lsd-b3`, never used against itself) and a 5-member baseline at that seed (`lsd-b5`, whose "
-               "first three members start where the targets' do; ours also share the targets' data order). "
+               "seed (`lsd-b3`, never used against itself; it also shares the targets' data order, as the LSD "
+               "code's 3-member surrogate does with its ADP, GAL and TRS but not with CLDL) and a 5-member baseline "
+               "at that seed (`lsd-b5`), whose first three members start where the targets' do, trained on another "
+               "data order (`data_seed` = seed + 1000), as the LSD code's 5-member surrogate is. "
                "Measured before declaring it (`preliminary/README.md`, seed 0, one 3-member surrogate each, PGD ε "
                "0.2): such a surrogate lowered ADP, GAL, TRS and CLDL(3,2,1) by 6.4-10.5 points and CLDL(3,4,4) by "
                "2.9 against an independent one (6.3-12.1 and 5.4 against a second; the two independent ones differ "
@@ -337,9 +343,8 @@ def train_units(c: Campaign) -> list[TrainUnit]:
     for s in c.seeds:  # seed-matched surrogates: a unit per seed, unless a row's unit is the same training
         for d in c.surrogates:
             if d.seed is None and _seed_matched(c, d, s, units_by_seed[s]) is None:
-                units_by_seed[s].append(TrainUnit(
-                    f"{d.key}-s{s}", c.name, d.configuration, s, "surrogate", d.key,
-                    train_spec(d.configuration, recipe_name=c.recipe, seed=s, overrides=overrides)))
+                units_by_seed[s].append(TrainUnit(f"{d.key}-s{s}", c.name, d.configuration, s, "surrogate", d.key,
+                                                  _matched_spec(c, d, s)))
     ordered: list[TrainUnit] = []
     for i, s in enumerate(c.seeds):
         group = units_by_seed[s] + (sur if i == 0 else [])
@@ -350,10 +355,17 @@ def train_units(c: Campaign) -> list[TrainUnit]:
     return ordered
 
 
+def _matched_spec(c: Campaign, d: SurrogateDecl, seed: int) -> dict[str, Any]:
+    """The declared train spec of seed-matched surrogate ``d`` at ``seed`` (with its data seed, if offset)."""
+    overrides: dict[str, Any] = {"eval_subset": c.eval_subset, **c.overrides}
+    if d.data_seed_offset is not None:
+        overrides["data_seed"] = seed + d.data_seed_offset
+    return train_spec(d.configuration, recipe_name=c.recipe, seed=seed, overrides=overrides)
+
+
 def _seed_matched(c: Campaign, d: SurrogateDecl, seed: int, units: list[TrainUnit]) -> TrainUnit | None:
     """The row unit at ``seed`` whose training spec is the seed-matched surrogate ``d``'s, if any."""
-    want = digest(train_spec(d.configuration, recipe_name=c.recipe, seed=seed,
-                             overrides={"eval_subset": c.eval_subset, **c.overrides}))
+    want = digest(_matched_spec(c, d, seed))
     return next((u for u in units if u.role == "target" and u.seed == seed and u.digest == want), None)
 
 
@@ -513,7 +525,12 @@ def run_train_unit(unit: TrainUnit, paths: Paths, *, device: str = "cpu", commit
     resolved = TrainSpec.model_validate(unit.spec).resolved()
     out = paths.run_dir(unit.id)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "declared_spec.json").write_text(json.dumps(unit.spec, indent=1, sort_keys=True))
+    declared = out / "declared_spec.json"
+    if declared.exists() and json.loads(declared.read_text()) != unit.spec:  # the declaration changed since
+        for stale in ("checkpoint.pt", "ensemble.pt"):  # never resume another spec's weights
+            (out / stale).unlink(missing_ok=True)
+        log(f"    {unit.id}: its declaration changed since the partial run in {out}; starting again")
+    declared.write_text(json.dumps(unit.spec, indent=1, sort_keys=True))
     started = time.time()
     result, final = train_local(resolved, out, resume=True, progress=False, device=device,
                                 log=lambda m: log(f"    {unit.id}: {m}"))

@@ -61,7 +61,7 @@ def test_cldl_table4_order_keys_and_surrogates() -> None:
     assert by_id["trs-s1"].spec["hyperparameters"]["smooth_points"] == "clean"
     assert by_id["surrogate-b5-s101"].spec["members"] == 5
     assert by_id["lsd-b5-s2"].spec == train_spec("baseline-5", recipe_name="lsd-mnist", seed=2,
-                                                 overrides={"eval_subset": 9000})
+                                                 overrides={"eval_subset": 9000, "data_seed": 1002})
     assert "lsd-b3-s0" not in by_id  # seed-matched 3-member baseline = the baseline row's own unit
     for e in eval_units(c):
         names = [n for n, _ in e.surrogates]
@@ -130,6 +130,16 @@ def test_tiny_campaign_trains_records_skips_and_resumes(tiny_paths: Paths) -> No
     logs.clear()
     assert cp.run_training(TINY, tiny_paths, log=logs.append) == ["baseline-s0"]
     assert any("resuming at stage 1/1, epoch 2/2" in line for line in logs)
+    # a partial run of another declaration is never resumed: the unit starts again
+    tiny_paths.train_record(unit.id).unlink()
+    (run / "ensemble.pt").unlink()
+    torch.save(state, run / "checkpoint.pt")
+    (run / "declared_spec.json").write_text(json.dumps({**unit.spec, "data_seed": 7}))
+    logs.clear()
+    assert cp.run_training(TINY, tiny_paths, log=logs.append) == ["baseline-s0"]
+    assert any("declaration changed" in line for line in logs), logs
+    assert not any("resuming" in line for line in logs)
+    assert json.loads((run / "declared_spec.json").read_text()) == unit.spec
     # a changed declaration (another digest) is not the recorded unit
     changed = Campaign(**{**TINY.__dict__, "overrides": {**TINY.overrides, "train_subset": 190}})
     assert not cp.train_done(tiny_paths, train_units(changed)[0])
