@@ -251,6 +251,52 @@ def _advertorch_section(rows: list[Any]) -> list[str]:
                   "differs. Here every row shares `baseline-s0`'s order. The next run trains CLDL(3,4,4) from the "
                   "seed-0 weights with another data order (`data_seed`) and scores it against the same-init pair.",
                   ""]
+    lines += _lsd_pair_section(rows, data)
+    return lines
+
+
+def _lsd_pair_section(rows: list[Any], data: dict[str, Any]) -> list[str]:
+    """Seed 0 under the LSD code's own pair of surrogates (``advertorch_check.py 0.2 lsd-b3=...,lsd-b5=...``)."""
+    key = next((k for k in data if k.startswith("0.2 ") and "lsd-b5" in k), None)
+    if key is None or "0.2" not in data:
+        return []
+    lsd, proto = data[key], data["0.2"]
+    paper = get_campaign("cldl-table4").paper
+    i2 = paper["eps"].index(0.2)
+    fams = ("fgsm", "bim", "mim", "pgd")
+    lines = ["## Seed 0 under the LSD code's own pair of surrogates", "",
+             f"Surrogates {', '.join(f'`{n}` = `{u}`' for n, u in lsd['surrogates'].items())}: the 3-member "
+             "baseline of the targets' seed (the same initial weights and data order as every target here) and a "
+             "5-member baseline of that seed whose first three members share those initial weights, trained on "
+             "another data order (`data_seed` 1000), as the LSD code's 5-member surrogate is. AdverTorch, the "
+             "paper's losses (CE and the LSD CW form), both surrogates, the 12 copies per attack, ε 0.2, among "
+             f"clean-correct, {lsd['n_images']:,} images. Beside it, the same evaluation from PROTOCOL's "
+             "independent pair (`surrogate-b3`, `surrogate-b5`), and Table IV.", "",
+             "| row | attack | PROTOCOL's pair | the LSD code's pair | paper | LSD pair − paper |",
+             "|---|---|---|---|---|---|"]
+    ours_lsd: dict[str, float] = {}
+    for row, unit in rows:
+        if unit not in lsd["cells"]:
+            continue
+        col = paper["columns"].get(row.paper_column or "", {})
+        for f in fams:
+            a = proto["cells"][unit][f]["advertorch ce+cw-lsd"]
+            b = lsd["cells"][unit][f]["advertorch ce+cw-lsd"]
+            p = col.get(f.upper(), [None] * 4)[i2] if col else None
+            if f == "pgd" and p is not None:
+                ours_lsd[row.label] = b
+            lines.append(f"| {row.label} | {f.upper()} | {a:.2f} | {b:.2f} | {'–' if p is None else f'{p:.2f}'} | "
+                         f"{'–' if p is None else f'{b - p:+.2f}'} |")
+    theirs = {lab: paper["columns"][r.paper_column]["PGD"][i2] for r, _ in rows if (lab := r.label) in ours_lsd
+              and r.paper_column}
+    ranked = sorted(ours_lsd, key=ours_lsd.get, reverse=True)  # type: ignore[arg-type]
+    p_ranked = sorted(theirs, key=theirs.get, reverse=True)  # type: ignore[arg-type]
+    lines += ["", "PGD ε 0.2, the LSD code's pair: " + " > ".join(f"{lab} {ours_lsd[lab]:.2f}" for lab in ranked)
+              + "; the paper: " + " > ".join(f"{lab} {theirs[lab]:.2f}" for lab in p_ranked) + ". Gaps in the "
+              "paper's order, paper / ours with the LSD code's pair: " + "; ".join(
+                  f"{a} − {b} {theirs[a] - theirs[b]:+.2f} / {ours_lsd[a] - ours_lsd[b]:+.2f}"
+                  for a, b in zip(p_ranked, p_ranked[1:], strict=False)) + ". One training seed; the campaign's "
+              "`same-init` group repeats this with three seeds and our own attacks.", ""]
     return lines
 
 
