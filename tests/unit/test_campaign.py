@@ -308,6 +308,10 @@ def test_the_preliminary_page_is_what_its_script_makes_of_its_record() -> None:
     assert c["ours"] == pytest.approx(100 * r["robust_acc_among_correct"], abs=0.005)  # the same cell, both files
     assert f"| CLDL(3,4,4) | PGD | {c['ours']:.2f} | {c['advertorch ce+cw']:.2f} | {c['advertorch ce+cw-lsd']:.2f} |" \
         in page
+    lsd = check["0.2 baseline-s0+lsd-b5-s0"]  # the LSD code's own pair: the targets' seed, 3 and 5 members
+    assert lsd["surrogates"] == {"lsd-b3": "baseline-s0", "lsd-b5": "lsd-b5-s0"}
+    t, tp = lsd["cells"]["trs-s0"]["pgd"]["advertorch ce+cw-lsd"], check["0.2"]["cells"]["trs-s0"]["pgd"]
+    assert f"| TRS (LSD) | PGD | {tp['advertorch ce+cw-lsd']:.2f} | {t:.2f} | 39.19 | {t - 39.19:+.2f} |" in page
 
 
 def test_cldl_page_quotes_the_advertorch_check() -> None:
@@ -333,6 +337,18 @@ def test_cldl_page_quotes_the_advertorch_check() -> None:
     ab = max(abs(ctrl[u]["pgd"]["advertorch ce+cw-lsd"] - indep[u]["pgd"]["advertorch ce+cw-lsd"]) for u in same)
     assert f"({min(others2):.1f}–{max(others2):.1f} and {drop2['cldl-3-4-4-s0']:.1f} against a second; the two " \
            f"independent ones differ by at most {ab:.1f} on a row)" in text
+    lsd = data["0.2 baseline-s0+lsd-b5-s0"]["cells"]
+    paper = cp.get_campaign("cldl-table4").paper["columns"]
+
+    def span(unit: str, column: str) -> list[float]:
+        return sorted(lsd[unit][f]["advertorch ce+cw-lsd"] - paper[column][f.upper()][2]
+                      for f in ("fgsm", "bim", "mim", "pgd"))
+
+    trs, adp, gal, cldl = (span(u, col) for u, col in (("trs-s0", "TRS"), ("adp-s0", "ADP"), ("gal-s0", "GAL"),
+                                                        ("cldl-3-4-4-s0", "CLDL(3,4,4)")))
+    assert f"TRS lands within {max(abs(v) for v in trs):.2f} points of Table IV at every attack, ADP " \
+           f"{-adp[-1]:.2f}–{-adp[0]:.2f} below it, GAL {gal[0]:.2f}–{gal[-1]:.2f} above, and CLDL(3,4,4) " \
+           f"{-cldl[-1]:.2f}–{-cldl[0]:.2f} below" in text
 
 
 def test_the_lsd_cw_loss_is_the_degenerate_form_the_page_describes() -> None:
