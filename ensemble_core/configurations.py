@@ -86,6 +86,18 @@ CONFIGURATIONS: dict[str, Configuration] = {c.name: c for c in [
                   {"gamma": 3.0, "alpha": 4.0, "beta": 4.0}, source="spec cldl §4, Table IV"),
     Configuration("cldl-3-2-1", "cldl", "CLDL(3,2,1): γ 3, α 2, β 1 (MNIST second column)",
                   {"gamma": 3.0, "alpha": 2.0, "beta": 1.0}, source="spec cldl §4, Table IV"),
+    Configuration("cldl-3-4-4-lsd", "cldl", "CLDL(3,4,4) with the LSD code's cosine (torch 1.9)",
+                  {"gamma": 3.0, "alpha": 4.0, "beta": 4.0, "cos_eps": 1e-8},
+                  source=f"spec cldl §2.5, Table IV; {LSD}: LCM_GAL_Trainer (F.cosine_similarity on the "
+                         "gradients of the batch-mean KL, PyTorch 1.9)",
+                  differs=("ℓ_gd's cosines as torch 1.9's F.cosine_similarity(eps=1e-8) on batch-mean-KL "
+                           "gradients: denominator max(‖g_i‖‖g_j‖, 1e-8·B²) (ours: exact), as gal-lsd and trs-lsd "
+                           "already do",)),
+    Configuration("cldl-3-2-1-lsd", "cldl", "CLDL(3,2,1) with the LSD code's cosine (torch 1.9)",
+                  {"gamma": 3.0, "alpha": 2.0, "beta": 1.0, "cos_eps": 1e-8},
+                  source=f"spec cldl §2.5, Table IV; {LSD}: LCM_GAL_Trainer",
+                  differs=("ℓ_gd's cosines as torch 1.9's F.cosine_similarity(eps=1e-8) on batch-mean-KL "
+                           "gradients (ours: exact)",)),
     Configuration("cldl-3-0-0", "cldl", "CLDL(3,0,0): the label confusion model alone (ablation)",
                   {"gamma": 3.0, "alpha": 0.0, "beta": 0.0}, source="spec cldl Table VI"),
     Configuration("cldl-3-2-4", "cldl", "CLDL(3,2,4): γ 3, α 2, β 4 (Fashion-MNIST headline)",

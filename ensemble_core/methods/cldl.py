@@ -38,6 +38,7 @@ from torch import nn
 from ensemble_core.data import TensorDataset, iterate_eval
 from ensemble_core.methods import register_method
 from ensemble_core.methods.base import Hyperparameters, LossOutput, Method, Stage, StepContext, TrainNet
+from ensemble_core.methods.gal import pairwise_grad_cosines, torch19_product_floor
 
 # Headline (γ, α) per data set (spec §4: MNIST CLDL(3,4,4), F-MNIST (3,2,4), CIFAR-10 (4,2,4)); β = 4 always.
 DATASET_DEFAULTS: dict[str, tuple[float, float]] = {
@@ -108,6 +109,13 @@ class CLDLHyperparameters(Hyperparameters):
         description="loss whose input-gradient enters ℓ_gd (spec A5): "
         "'kl' = KL(s_i‖p_i) with s_i not detached "
         "(paper and code); 'ce' = the member's cross-entropy (commented out in the code)",
+    )
+    cos_eps: float = Field(
+        0.0, ge=0.0, le=1e-2,
+        description="ε of the LSD code's F.cosine_similarity (torch <= 1.11: x·y / max(‖x‖‖y‖, ε)) on the input "
+                    "gradients of the batch-mean KL: ℓ_gd's cosine becomes g_i·g_j / max(‖g_i‖‖g_j‖, ε·B²) for "
+                    "per-sample gradients g and batch B, which shrinks the cosine of samples with small gradients "
+                    "(spec §2.5). 0 = the exact cosine (ours); 1e-8 = the LSD code (torch 1.9) behind Table IV",
     )
     activation: Literal["leaky_relu", "relu"] = Field(
         "leaky_relu",
@@ -211,6 +219,17 @@ def pairwise_abs_cos(
         cos = F.cosine_similarity(grads[i], grads[j], dim=-1, eps=COS_EPS)
         out.append((cos.abs() if absolute else cos).mean())
     return torch.stack(out)
+
+
+def pair_cosines(grads: list[torch.Tensor], pairs: list[tuple[int, int]], *, absolute: bool = True,
+                 cos_eps: float = 0.0, batch: int = 1) -> torch.Tensor:
+    """Per pair, the batch mean of (|·|) cos of per-sample input-gradients (spec §2.5): the exact cosine with
+    ``cos_eps`` 0, else torch 1.9's on the batch-mean loss's gradients, ``g_i·g_j / max(‖g_i‖‖g_j‖, ε·B²)``
+    (:func:`~ensemble_core.methods.gal.torch19_product_floor`)."""
+    if cos_eps <= 0.0:
+        return pairwise_abs_cos(grads, pairs, absolute=absolute)
+    cos = pairwise_grad_cosines(grads, product_floor=torch19_product_floor(cos_eps, batch))  # (B, P), same order
+    return (cos.abs() if absolute else cos).mean(0)
 
 
 def gradient_diversity(pair_cos: torch.Tensor, n_members: int, norm: str) -> torch.Tensor:
@@ -345,7 +364,8 @@ class CLDL(Method):
         if need_gd:
             grads = torch.autograd.grad([gl.sum() for gl in gd_losses], xs, create_graph=create_graph)
             flat = [g.flatten(1) for g in grads]
-            pair_cos = pairwise_abs_cos(flat, pairs, absolute=hp.gd_abs)
+            pair_cos = pair_cosines(flat, pairs, absolute=hp.gd_abs, cos_eps=hp.cos_eps,
+                                    batch=global_batch or x.shape[0])
             l_gd = gradient_diversity(pair_cos, n, hp.gd_norm)
 
         # ℓ_ld (spec §2.4).

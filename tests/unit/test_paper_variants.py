@@ -166,7 +166,49 @@ def test_post_relu_is_refused_where_layers_are_not_followed_by_a_relu() -> None:
                               "hyperparameters": {"features": "post_relu"}})
 
 
+def test_cldl_lsd_floors_the_gradient_cosine_by_hand() -> None:
+    """CLDL (LSD): ℓ_gd's per-pair |cos| as torch 1.9 computes it on batch-mean-KL gradients (spec §2.5)."""
+    from ensemble_core.methods.cldl import pair_cosines
+
+    g = [torch.tensor([[0.5, 0.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[0.0, -0.5]])]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    assert pair_cosines(g, pairs).tolist() == pytest.approx([R2, 0.0, R2], abs=1e-6)  # exact |cos|
+    # cos_eps 1e-2 at B = 6: floor 0.36 above every product of norms, so |dot| / 0.36 = 0.25/0.36, 0, 0.25/0.36
+    assert pair_cosines(g, pairs, cos_eps=1e-2, batch=6).tolist() == pytest.approx([0.25 / 0.36, 0.0, 0.25 / 0.36],
+                                                                                   abs=1e-6)
+    assert pair_cosines(g, pairs, cos_eps=1e-8, batch=6).tolist() == pytest.approx([R2, 0.0, R2], abs=1e-6)
+
+
+def test_cldl_lsd_term_is_what_the_helper_gives() -> None:
+    """The training loss reads the floored cosine: on a tiny synthetic net, ℓ_gd with cos_eps equals ℓ_gd from
+    the members' own per-sample input gradients through :func:`pair_cosines`, and is below the exact one."""
+    from ensemble_core.methods.cldl import gradient_diversity, kl_to_soft_labels, pair_cosines, soft_labels
+    from ensemble_core.training import setup_run
+
+    spec = TrainSpec.model_validate({"method": "cldl", "dataset": "synthetic", "members": 3, "train_subset": 64,
+                                     "hyperparameters": {"cos_eps": 1e-2}})
+    net = setup_run(spec, torch.device("cpu")).net
+    x = torch.rand(8, 1, 28, 28)
+    y = torch.arange(8) % 10
+    method = net.method
+    floored = method.compute_terms(net, x, y, create_graph=False, need_gd=True, global_batch=8)
+    method.hp.cos_eps = 0.0
+    exact = method.compute_terms(net, x, y, create_graph=False, need_gd=True, global_batch=8)
+    assert floored.l_gd is not None and exact.l_gd is not None
+    assert float(floored.l_gd) < float(exact.l_gd)
+    grads = []
+    for m in net.members:
+        xi = x.clone().requires_grad_(True)
+        parts = m.forward_parts(xi)
+        kl = kl_to_soft_labels(soft_labels(net.aux["lcm"](parts.rep, net.aux["lcm"].label_representations()), y,
+                                           method.gamma), parts.logits)
+        grads.append(torch.autograd.grad(kl.sum(), xi)[0].flatten(1))
+    want = gradient_diversity(pair_cosines(grads, [(0, 1), (0, 2), (1, 2)], cos_eps=1e-2, batch=8), 3, "members")
+    assert float(floored.l_gd) == pytest.approx(float(want), rel=1e-5)
+
+
 @pytest.mark.parametrize("method,hp,field", [("gal", {"cos_eps": 0.1}, "cos_eps"),
+                                             ("cldl", {"cos_eps": 0.1}, "cos_eps"),
                                              ("trs", {"cos_eps": -1.0}, "cos_eps"),
                                              ("dverge", {"features": "after"}, "features"),
                                              ("dkd", {"objective": "ce"}, "objective"),
@@ -282,6 +324,8 @@ def test_every_configuration_validates_under_every_recipe_of_its_data(name: str)
     ("trs-lsd", {"ce_reduction": "mean", "smooth_points": "clean", "cos_eps": 1e-8, "anneal_epochs": None}),
     ("dverge-lsd", {"features": "post_relu", "eps": 8 / 255, "step_size": 2 / 255}),
     ("adp-lsd", {}),
+    ("cldl-3-4-4-lsd", {"gamma": 3.0, "alpha": 4.0, "beta": 4.0, "cos_eps": 1e-8}),
+    ("cldl-3-2-1-lsd", {"gamma": 3.0, "alpha": 2.0, "beta": 1.0, "cos_eps": 1e-8}),
 ])
 def test_lsd_variants_differ_from_our_defaults_exactly_where_documented(name: str, differs: dict[str, Any]) -> None:
     c = configuration(name)
