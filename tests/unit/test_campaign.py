@@ -337,6 +337,10 @@ def test_cldl_page_quotes_the_advertorch_check() -> None:
     ab = max(abs(ctrl[u]["pgd"]["advertorch ce+cw-lsd"] - indep[u]["pgd"]["advertorch ce+cw-lsd"]) for u in same)
     assert f"({min(others2):.1f}–{max(others2):.1f} and {drop2['cldl-3-4-4-s0']:.1f} against a second; the two " \
            f"independent ones differ by at most {ab:.1f} on a row)" in text
+    probe = json.loads((root / "docs/results/cldl-table4/preliminary/cos-floor-probe.json").read_text())
+    assert probe["initialisation"]["fraction_below_floor"] == probe["trained"]["fraction_below_floor"] == 0.0
+    assert f"(1st percentile {probe['initialisation']['quantiles']['0.01']:.4f}) nor after training " \
+           f"({probe['trained']['quantiles']['0.01']:.4f}), against a floor of {probe['floor']:.5f}" in text
     lsd = data["0.2 baseline-s0+lsd-b5-s0"]["cells"]
     paper = cp.get_campaign("cldl-table4").paper["columns"]
 
