@@ -355,6 +355,21 @@ def test_cldl_page_quotes_the_advertorch_check() -> None:
            f"{-cldl[-1]:.2f}–{-cldl[0]:.2f} below" in text
 
 
+def test_the_data_order_ablation_differs_from_its_row_only_in_data_seed() -> None:
+    """preliminary/ablation.py's unit: the campaign's cldl-3-4-4-s0 spec with data_seed 1000 and nothing else."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "docs/results/cldl-table4/preliminary/ablation.py"
+    spec = importlib.util.spec_from_file_location("ablation", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    u = mod.unit("cldl-3-4-4-s0-data1000")
+    row = next(x for x in train_units(cp.get_campaign("cldl-table4")) if x.id == "cldl-3-4-4-s0")
+    assert {**u.spec, "data_seed": None} == {**row.spec, "data_seed": None} and u.spec["data_seed"] == 1000
+    assert "data_seed" not in row.spec and mod.paths().run_dir(u.id).name == u.id
+
+
 def test_the_lsd_cw_loss_is_the_degenerate_form_the_page_describes() -> None:
     """advertorch_check.py's two CW losses on log-probabilities, by hand: ours is the margin to the best other
     class; the LSD code's form compares log p_y with 0 (the masked true entry), so it is −relu(log p_y + κ)."""
