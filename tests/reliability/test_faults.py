@@ -175,6 +175,8 @@ def test_postgres_restarted_while_the_worker_is_idle_and_while_a_job_runs(
         assert final["status"] == "succeeded", final
         assert final["attempts"] == 1 and final["error"] is None  # finished by its first attempt, not re-run
         assert events_of(client, jid) == ["created", "started", "succeeded"]
+        # the worker counts a job when execute() returns, a moment after the job's row says succeeded
+        poll(lambda: worker.worker.jobs_run, lambda n: n >= 1, 30, "the worker's count of jobs run")
         assert worker.thread.is_alive() and worker.worker.jobs_run == 1
         beats = [r.getMessage() for r in caplog.records if "heartbeat of job" in r.getMessage()]
         assert beats, "the outage did not reach the running job's heartbeat"
@@ -353,6 +355,7 @@ def test_api_killed_and_restarted_while_jobs_are_queued_and_running(
     assert len(lines) == len(set(lines)) == 3  # every epoch trained once
     assert http.get(f"/v1/jobs/{a}/artifacts/ensemble.pt").status_code == 200
     assert http.get(f"/v1/jobs/{b}/results").json()["tables"]
+    poll(lambda: worker.worker.jobs_run, lambda n: n >= 2, 30, "the worker's count of jobs run")
     assert api.starts == 3 and worker.worker.jobs_run == 2
     tally.account(make_engine(settings.database_url or ""), [a, b])
     tally.tests["api_restarts"] = round(time.monotonic() - t_start, 1)
