@@ -514,6 +514,14 @@ def clean_outcomes(checkpoint: Path, dataset: str, data_dir: str | None = None, 
             "member_correct_bits": [pack_bits(m[i]) for i in range(k)]}
 
 
+def _refresh_leaderboard(paths: Paths) -> list[Path]:
+    """The leaderboard's headline rewritten from the campaigns' records, when the results folder above this
+    campaign's holds the published leaderboard (``docs/results``); the files written, for the unit's commit."""
+    from ensemble_core.leaderboard import refresh_headline
+
+    return refresh_headline(paths.results.parent)
+
+
 def run_train_unit(unit: TrainUnit, paths: Paths, *, device: str = "cpu", commit: bool = False,
                    log: Callable[[str], None] = print, campaign: Campaign | None = None) -> dict[str, Any]:
     """Train one unit (resuming from ``runs/``), then write its record and members-only checkpoint (and, given
@@ -569,6 +577,7 @@ def run_train_unit(unit: TrainUnit, paths: Paths, *, device: str = "cpu", commit
         page = paths.results / "README.md"
         _atomic_write(page, render_report(campaign, paths) + "\n")
         files.append(page)
+    files += _refresh_leaderboard(paths)
     if commit:
         git_commit(paths.root, files,
                    f"campaign {unit.campaign}: {unit.id} trained ({record['configuration']}, seed {unit.seed}, "
@@ -651,8 +660,9 @@ def paper_mean(records: list[dict[str, Any]], group: str = "baseline") -> dict[s
 
 def run_eval_unit(unit: EvalUnit, paths: Paths, *, device: str = "cpu", commit: bool = False, quick: bool = False,
                   transfer_examples: int | None = None, wb_examples: int | None = None,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate one target against its surrogates from the committed checkpoints; write the record."""
+                  log: Callable[[str], None] = print, campaign: Campaign | None = None) -> dict[str, Any]:
+    """Evaluate one target against its surrogates from the committed checkpoints; write the record (with
+    ``campaign``, also its regenerated page), and the leaderboard's headline where it is published."""
     from ensemble_core.evaluation import run_evaluation
 
     dataset = unit.target.spec["dataset"]
@@ -698,8 +708,14 @@ def run_eval_unit(unit: EvalUnit, paths: Paths, *, device: str = "cpu", commit: 
         "wall_time_s": round(time.time() - t0, 1), "machine": _machine(device), "code": _git_head(paths.root),
     }
     _atomic_write(rec_path, json.dumps(_round(record), indent=1, sort_keys=True, default=str) + "\n")
+    files = [rec_path]
+    if campaign is not None:
+        page = paths.results / "README.md"
+        _atomic_write(page, render_report(campaign, paths) + "\n")
+        files.append(page)
+    files += _refresh_leaderboard(paths)
     if commit:
-        git_commit(paths.root, [rec_path], f"campaign {unit.target.campaign}: {unit.id} evaluated ({fp})", log)
+        git_commit(paths.root, files, f"campaign {unit.target.campaign}: {unit.id} evaluated ({fp})", log)
     return record
 
 
@@ -808,7 +824,7 @@ def run_evaluations(c: Campaign, paths: Paths, *, device: str = "cpu", commit: b
             + (f"; ETA {time.strftime('%a %H:%M', time.localtime(time.time() + eta))}" if eta else ""))
         t0 = time.time()
         run_eval_unit(u, paths, device=device, commit=commit, quick=quick, transfer_examples=transfer_examples,
-                      wb_examples=wb_examples, log=log)
+                      wb_examples=wb_examples, log=log, campaign=c)
         times.append(time.time() - t0)
         done.append(u.id)
         log(f"[campaign {c.name}] evaluation {i + 1}/{len(ready)} {u.id}: done in {_fmt_s(times[-1])}")
@@ -1051,6 +1067,69 @@ def _whitebox_section(c: Campaign, evals: dict[str, dict[str, Any]]) -> list[str
         out.append(f"| {label} | {eps:g} | {_mean_sd(d['all'])}{warn} | {_mean_sd(d['cc'])} | "
                    f"{', '.join(map(str, d['seeds']))} |")
     return [*out, ""]
+
+
+def _stats(vals: list[float]) -> dict[str, Any] | None:
+    """Mean, sample sd (None with one value) and n of fractions, rounded; None without values."""
+    if not vals:
+        return None
+    return {"mean": round(statistics.mean(vals), 6),
+            "sd": round(statistics.stdev(vals), 6) if len(vals) > 1 else None, "n": len(vals)}
+
+
+def headline(c: Campaign, paths: Paths) -> dict[str, Any]:
+    """A campaign's summary for the leaderboard's headline (issue #21), from its records only.
+
+    Per row: the training seeds recorded and evaluated; clean accuracy (the 9,000-image report subset); per ε
+    the per-image transfer worst case over the paper group's surrogates (every transfer attack, loss and seed
+    at that ε or below), over all images and among clean-correct; the white-box worst case (L∞) where the
+    suite ran; and the paper's PGD figure. Each as mean, sd and n over seeds, as fractions (the paper's
+    figures in %). Nothing here is computed beyond those records' figures and their mean and sd."""
+    units = train_units(c)
+    evs = eval_units(c)
+    evals = {u.id: json.loads(paths.eval_record(u.id).read_text()) for u in evs if paths.eval_record(u.id).exists()}
+    paper = c.paper or {}
+    rows = []
+    for row in c.rows:
+        trained = [u for u in units if u.role == "target" and u.row == row.key and train_done(paths, u)]
+        clean = [json.loads(paths.train_record(u.id).read_text())["clean"]["acc"] for u in trained]
+        mine = [(u, evals[u.id]) for u in evs if u.target.row == row.key and u.id in evals]
+        tr: dict[float, dict[str, list[float]]] = {}
+        wb: dict[float, dict[str, list[float]]] = {}
+        for _u, rec in mine:
+            for r in rec["records"]:
+                if r.get("model") != "target":
+                    continue
+                if r.get("threat") == "transfer" and str(r["attack"]).startswith("worst case (transfer, Linf") \
+                        and r.get("surrogate_group") == c.paper_group:
+                    d = tr.setdefault(float(r["eps"]), {"all": [], "cc": []})
+                elif r.get("threat") == "worst-case" and str(r["attack"]).startswith("worst case (Linf"):
+                    d = wb.setdefault(float(r["eps"]), {"all": [], "cc": []})
+                else:
+                    continue
+                d["all"].append(r["robust_acc"])
+                if r.get("robust_acc_among_correct") is not None:
+                    d["cc"].append(r["robust_acc_among_correct"])
+        col = (paper.get("columns", {}) or {}).get(row.paper_column or "", {}) or {}
+        pgd = col.get("PGD") or col.get("FGSM")
+        rows.append({
+            "row": row.key, "label": row.label, "configuration": row.configuration,
+            "seeds_trained": [u.seed for u in trained], "seeds_evaluated": [u.target.seed for u, _ in mine],
+            "clean_acc": _stats(clean),
+            "transfer_worst": [{"eps": e, "all": _stats(d["all"]), "clean_correct": _stats(d["cc"])}
+                               for e, d in sorted(tr.items())],
+            "white_box_worst": [{"eps": e, "all": _stats(d["all"]), "clean_correct": _stats(d["cc"])}
+                                for e, d in sorted(wb.items())],
+            "paper": ({"attack": "PGD" if col.get("PGD") else "FGSM", "eps": paper.get("eps"), "values": pgd}
+                      if pgd else None)})
+    pre = paths.results / "preliminary" / "README.md"
+    return {"campaign": c.name, "title": c.title, "page": f"{c.name}/README.md", "budget": c.notes[0] if c.notes
+            else "", "preliminary_page": f"{c.name}/preliminary/README.md" if pre.exists() else None,
+            "seeds": list(c.seeds), "paper_group": c.paper_group,
+            "paper_group_surrogates": [d.key for d in c.surrogates if d.group == c.paper_group],
+            "paper_denominator": c.paper_denominator, "paper_table": paper.get("table"),
+            "train_units": {"recorded": sum(train_done(paths, u) for u in units), "declared": len(units)},
+            "eval_units": {"recorded": len(evals), "declared": len(evs)}, "rows": rows}
 
 
 def status_table(c: Campaign, paths: Paths) -> str:

@@ -290,6 +290,98 @@ def collect(runs_dir: Path, datasets: list[str], methods: list[str], budget: dic
     }
 
 
+def campaign_headlines(results_dir: Path | None = None) -> list[dict[str, Any]]:
+    """The headline: every declared campaign's summary from its records under ``results_dir`` (default the
+    project's ``docs/results``), as :func:`ensemble_core.campaign.headline` makes it (issue #21: the full-budget
+    campaigns head the leaderboard; the 2-epoch board below them is the quick mode)."""
+    from ensemble_core.campaign import CAMPAIGNS, Paths, headline
+
+    return [headline(c, Paths.of(c, results_dir=results_dir)) for c in CAMPAIGNS.values()]
+
+
+def refresh_headline(out_dir: Path, results_dir: Path | None = None) -> list[Path]:
+    """Rewrite the headline of the published ``leaderboard.json`` / ``.md`` in ``out_dir`` from the campaigns'
+    records (``results_dir``, default ``out_dir``), leaving the quick-mode rows exactly as published (they are
+    regenerated only by running the leaderboard). Returns the files written; none when ``out_dir`` holds no
+    leaderboard of this format. The campaign runner calls it after every recorded unit."""
+    path = out_dir / "leaderboard.json"
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    if doc.get("format") != FORMAT:
+        return []
+    doc["headline"] = campaign_headlines(results_dir or out_dir)
+    doc["headline_generated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    md = out_dir / "leaderboard.md"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    md.write_text(render(doc))
+    return [path, md]
+
+
+def _ms(st: dict[str, Any] | None) -> str:
+    """``mean ± sd (n k)`` in % from a headline statistic; ``–`` for none."""
+    if not st:
+        return "–"
+    sd = f" ± {100 * st['sd']:.1f}" if st.get("sd") is not None else ""
+    return f"{100 * st['mean']:.1f}{sd} (n {st['n']})"
+
+
+def render_headline(heads: list[dict[str, Any]]) -> list[str]:
+    """The headline section of ``leaderboard.md``: per campaign its rows at the papers' budget (mean ± sd over
+    training seeds), or what is recorded so far."""
+    lines = ["## Headline: the papers' tables at the papers' budgets (campaigns)", "",
+             "Each campaign trains a paper's rows at the paper's budget (or the largest that fits, stated below) "
+             "with every declared training seed; each figure is the mean ± sd over the seeds recorded (n = how "
+             "many). *Transfer*: the per-image worst case over every transfer attack (FGSM, BIM, MIM, PGD; CE and "
+             "CW; every PGD seed) from the campaign's paper-group surrogates at that ε or below, with the paper's "
+             "denominator (the column says which); *white-box*: the worst case over every white-box attack of the "
+             "campaign's suite, on the seeds it ran on. Each campaign's page has every attack, ε, slice, surrogate "
+             "and seed, and the paper's figures beside ours.", ""]
+    for h in heads:
+        tu, eu = h["train_units"], h["eval_units"]
+        lines += [f"### `{h['campaign']}`: {h['title']}", "",
+                  f"[{h['page']}]({h['page']}); {tu['recorded']} of {tu['declared']} training units and "
+                  f"{eu['recorded']} of {eu['declared']} evaluation units recorded. {h['budget']}", ""]
+        rows = [r for r in h["rows"] if r["seeds_trained"]]
+        if not rows:
+            lines += ["No training unit recorded yet.", ""]
+            continue
+        evaluated = any(r["seeds_evaluated"] for r in h["rows"])
+        if not evaluated:
+            pre = h.get("preliminary_page")
+            seen = f" (preliminary scores outside the campaign's records: [{pre}]({pre}))" if pre else ""
+            lines += ["No evaluation unit recorded yet (the campaign's `--phase eval`): until then the quick mode "
+                      f"below is the only evaluated board{seen}. Clean accuracy of what is trained (the deployed "
+                      "rule, the 9,000-image report subset):", "",
+                      "| row | configuration | seeds trained | clean % |", "|---|---|---|---|"]
+            lines += [f"| {r['label']} | `{r['configuration']}` | {', '.join(map(str, r['seeds_trained']))} | "
+                      f"{_ms(r['clean_acc'])} |" for r in rows]
+            lines.append("")
+            continue
+        t_eps = sorted({c["eps"] for r in rows for c in r["transfer_worst"]})
+        w_eps = sorted({c["eps"] for r in rows for c in r["white_box_worst"]})
+        key = "clean_correct" if h["paper_denominator"] == "clean_correct" else "all"
+        den = "clean-correct" if key == "clean_correct" else "all images"
+        head = (["row", "seeds trained", "seeds evaluated", "clean %"]
+                + [f"transfer ε={e:g} ({den})" for e in t_eps] + [f"white-box ε={e:g} (all images)" for e in w_eps]
+                + ["paper"])
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            tw = {c["eps"]: c for c in r["transfer_worst"]}
+            ww = {c["eps"]: c for c in r["white_box_worst"]}
+            pp = r.get("paper")
+            paper = ("–" if not pp else ", ".join(f"{pp['attack']} ε {e:g}: {v:.2f}"
+                                                   for e, v in zip(pp["eps"], pp["values"], strict=False)))
+            lines.append(f"| {r['label']} | {', '.join(map(str, r['seeds_trained']))} | "
+                         f"{', '.join(map(str, r['seeds_evaluated'])) or '–'} | {_ms(r['clean_acc'])} | "
+                         + " | ".join(_ms(tw[e][key]) if e in tw else "–" for e in t_eps)
+                         + (" | " if w_eps else "") + " | ".join(_ms(ww[e]["all"]) if e in ww else "–" for e in w_eps)
+                         + f" | {paper} |")
+        lines += ["", f"*paper*: {h['paper_table']}, the attack family's own figure (ours is the worst case over all "
+                  "families, so it sits at or below each family's figure on the campaign page).", ""]
+    return lines
+
+
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
@@ -324,9 +416,14 @@ def render(doc: dict[str, Any]) -> str:
     """``docs/results/leaderboard.md`` from the leaderboard document."""
     b = doc["budget"]
     code = _code_line(doc.get("code_versions", []))
-    lines = ["# Leaderboard: every method, one pipeline, one budget, one attack protocol", "",
+    lines = ["# Leaderboard", "",
              "Generated by `python -m ensemble_core.leaderboard` (also `robust-ensembles leaderboard`); served as "
-             "JSON at `GET /v1/leaderboard`. Generated " + doc["generated_at"] + ".", "",
+             "JSON at `GET /v1/leaderboard`. Quick mode generated " + doc["generated_at"]
+             + (f"; headline from the campaigns' records as of {doc['headline_generated_at']}"
+                if doc.get("headline_generated_at") else "") + ".", ""]
+    lines += render_headline(doc.get("headline", []))
+    quick = f"{b['epochs']} epoch{_s(b['epochs'])}"
+    lines += [f"## Quick mode: every method, one pipeline, {quick}, one attack protocol", "",
              f"**Budget, identical for every method and the baseline (the quick budget).** `{b['architecture']}`, "
              f"{b['members']} members, a seeded {b['train_subset']:,}-image subset of the training set, "
              f"**{b['epochs']} epoch{_s(b['epochs'])}** (PROTOCOL.md "
@@ -348,7 +445,7 @@ def render(doc: dict[str, Any]) -> str:
     for ds, board in doc["datasets"].items():
         rows = board["rows"]
         done = [r for r in rows if r["status"] == "done"]
-        lines += [f"## {DS_NAME.get(ds, ds)}", ""]
+        lines += [f"### {DS_NAME.get(ds, ds)} (quick mode)", ""]
         if not done:
             lines += ["No method has finished on this data set with the current evaluation yet.", ""]
             for r in rows:
@@ -527,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--rerun", action="store_true", help="rerun cells that already have a result")
     p.add_argument("--render-only", action="store_true", help="only rebuild the tables from finished cells")
+    p.add_argument("--headline-only", action="store_true",
+                   help="only rewrite the headline (the campaigns' records) of the published page, its quick-mode "
+                        "rows untouched")
     p.add_argument("--compare-with", metavar="JSON", help="an earlier leaderboard.json: also write "
                                                           "evaluation-upgrade.md, its figures beside the new ones")
     for key, val in BUDGET.items():
@@ -554,9 +654,17 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = budget_dir(Path(args.runs_dir) if args.runs_dir else root / "runs" / "leaderboard", budget)
     out_dir = Path(args.out_dir) if args.out_dir else root / "docs" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.headline_only:
+        written = refresh_headline(out_dir, root / "docs" / "results")
+        if not written:
+            p.error(f"--headline-only: no {FORMAT} leaderboard.json in {out_dir}")
+        _log(f"wrote the headline of {', '.join(map(str, written))}")
+        return 0
 
     def write() -> None:
         doc = collect(runs_dir, list(DATASETS), methods, budget)  # every data set: runs may be split by data set
+        doc["headline"] = campaign_headlines()  # the campaigns' records in the project's docs/results
+        doc["headline_generated_at"] = doc["generated_at"]
         (out_dir / "leaderboard.json").write_text(json.dumps(doc, indent=1) + "\n")
         (out_dir / "leaderboard.md").write_text(render(doc))
         if args.compare_with:

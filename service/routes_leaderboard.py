@@ -68,6 +68,11 @@ class Leaderboard(BaseModel):
     protocol: dict[str, str] = Field(description="the attacks, images and ranking rule")
     machine: dict[str, Any]
     datasets: dict[str, LeaderboardBoard]
+    headline: list[dict[str, Any]] = Field(
+        [], description="the campaigns at the papers' budgets (docs/results/<campaign>/): per campaign the units "
+                        "recorded and per row the training seeds, clean accuracy and the transfer and white-box "
+                        "worst cases per eps as mean, sd and n over seeds; the quick-mode boards are `datasets`")
+    headline_generated_at: str | None = None
 
 
 def leaderboard_path(request: Request) -> Path:
@@ -85,8 +90,9 @@ def get_leaderboard(
     request: Request,
     dataset: Literal["mnist", "fashion_mnist"] | None = Query(None, description="only this data set's table"),
 ) -> dict[str, Any]:
-    """The leaderboard: every method, 3 × LeNet-5, one budget, one attack protocol (black-box transfer and
-    white-box PGD), ranked by mean transfer robust accuracy. Each row states its hyperparameters, flags and the
+    """The leaderboard: the campaigns at the papers' budgets (``headline``), then every method in quick mode
+    (3 × LeNet-5, one budget, one attack protocol: black-box transfer and the white-box suite), ranked by the
+    mean 'any attack' robust accuracy over the white-box eps. Each row states its hyperparameters, flags and the
     command that reproduces it; the document states the budget, the attacks and the machine."""
     path = leaderboard_path(request)
     try:

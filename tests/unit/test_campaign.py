@@ -221,6 +221,27 @@ def test_tiny_campaign_evaluates_and_keys_on_the_evaluation_code(tiny_paths: Pat
     worst = next(r for r in rec["records"] if r["model"] == "target" and r["threat"] == "worst-case"
                  and r["attack"].startswith("worst case (Linf"))
     assert f"| GAL (LSD) | 0.1 | {100 * worst['robust_acc']:.1f} (n 1)" in wb and "seed 0;" in wb, wb
+    # the leaderboard's headline: the paper group's transfer worst case per seed, mean and sd by hand
+    from ensemble_core import leaderboard as lb
+
+    tw = [next(r["robust_acc"] for r in json.loads(tiny_paths.eval_record(f"gal-s{s}").read_text())["records"]
+               if r["model"] == "target" and r["threat"] == "transfer" and r.get("surrogate_group") == "baseline"
+               and r["attack"] == "worst case (transfer, Linf)" and r["eps"] == 0.1) for s in (0, 1)]
+    h = cp.headline(Campaign(**{**TINY.__dict__, "paper_denominator": "all"}), tiny_paths)
+    assert h["train_units"] == {"recorded": len(train_units(TINY)), "declared": len(train_units(TINY))}
+    assert h["eval_units"] == {"recorded": 4, "declared": 4}
+    gal = next(r for r in h["rows"] if r["row"] == "gal")
+    assert gal["seeds_trained"] == [0, 1] and gal["seeds_evaluated"] == [0, 1]
+    cell = gal["transfer_worst"][0]
+    assert cell["eps"] == 0.1 and cell["all"]["n"] == 2
+    assert cell["all"]["mean"] == pytest.approx((tw[0] + tw[1]) / 2, abs=1e-6)
+    assert cell["all"]["sd"] == pytest.approx(abs(tw[0] - tw[1]) / 2 ** 0.5, abs=1e-6)
+    assert gal["white_box_worst"] == [{"eps": 0.1, "all": {"mean": worst["robust_acc"], "sd": None, "n": 1},
+                                       "clean_correct": gal["white_box_worst"][0]["clean_correct"]}]
+    md = "\n".join(lb.render_headline([h]))
+    sd = f" ± {100 * cell['all']['sd']:.1f}" if cell["all"]["sd"] else " ± 0.0"
+    assert f"| {100 * cell['all']['mean']:.1f}{sd} (n 2) | {100 * worst['robust_acc']:.1f} (n 1) |" in md, md
+    assert "4 of 4 evaluation units recorded" in md
 
 
 def test_git_commit_commits_exactly_the_units_files(tmp_path: Path) -> None:
@@ -414,3 +435,28 @@ def test_claims_are_judged_from_paired_seed_differences() -> None:
     assert "| GAL (LSD) above ADP (LSD), PGD | +10.00 | +10.5 ± 0.7 (n 2) | held |" in cp._claims_section(c, evals)
     assert cp._claims_section(c, {}) == []
 
+
+
+def test_the_leaderboard_headline_is_rewritten_from_the_records_and_the_quick_rows_kept(tmp_path: Path) -> None:
+    """refresh_headline (called by the campaign runner after each unit): the campaigns' summaries replace the
+    headline; the quick-mode rows are the published ones, unchanged; no leaderboard, nothing written."""
+    from ensemble_core import leaderboard as lb
+
+    root = Path(__file__).resolve().parents[2] / "docs" / "results"
+    assert lb.refresh_headline(tmp_path) == []
+    published = json.loads((root / "leaderboard.json").read_text())
+    (tmp_path / "leaderboard.json").write_text(json.dumps({k: v for k, v in published.items() if k != "headline"}))
+    written = lb.refresh_headline(tmp_path, results_dir=tmp_path)  # no campaign records here
+    assert written == [tmp_path / "leaderboard.json", tmp_path / "leaderboard.md"]
+    doc = json.loads(written[0].read_text())
+    assert doc["datasets"] == published["datasets"] and doc["generated_at"] == published["generated_at"]
+    assert [h["campaign"] for h in doc["headline"]] == list(cp.CAMPAIGNS)
+    assert all(h["train_units"]["recorded"] == 0 and h["eval_units"]["recorded"] == 0 for h in doc["headline"])
+    md = written[1].read_text()
+    assert md.index("## Headline") < md.index("## Quick mode") < md.index("### MNIST (quick mode)")
+    assert md.count("No training unit recorded yet.") == len(cp.CAMPAIGNS)
+    # the published page's headline is what the records in docs/results make of it now (kept current by the
+    # campaign runner, which rewrites it with every unit it records)
+    current = cp.headline(cp.get_campaign("cldl-table4"), Paths.of(cp.get_campaign("cldl-table4")))
+    pub = next(h for h in published.get("headline", []) if h["campaign"] == "cldl-table4")
+    assert pub["rows"] == current["rows"] and pub["train_units"] == current["train_units"]
