@@ -18,7 +18,9 @@ It writes ``advertorch-check.json`` beside this file (merged per ε with what is
 the surrogates, e.g. ``0.2 surrogate-b3=baseline-s0`` (a surrogate that shares the seed-0 targets' initial weights,
 as the LSD code's do), ``0.2 surrogate-b3=surrogate-b3-s100``, or ``0.2 surrogate-b3=surrogate-b5-s101[:3]`` (the
 first three members of a unit: another independent 3-member baseline, as a control); those entries are keyed
-``"<ε> <units>"``.
+``"<ε> <units>"``. A third argument replaces the targets, e.g. ``0.2 surrogate-b3=baseline-s0,surrogate-b5=lsd-b5-s0
+cldl-3-4-4-s0-data1000`` (a unit of ``ablation.py``; its checkpoint is looked up beside this file's ablation records
+when the campaign has no unit of that name); such entries get `` → <targets>`` added to their key.
 
 Attack parameters, spec cldl §6.1 (our own reading of the spec, not the LSD code): untargeted, L∞, clipped to
 [0,1], on the surrogate's ``log(mean softmax)``; FGSM (GradientSignAttack), BIM (LinfBasicIterativeAttack), MIM
@@ -114,12 +116,24 @@ def _surrogate(paths: Paths, unit: str) -> Any:
     return Ensemble(list(ens.members)[:int(k)], combine=ens.combine)
 
 
-def main(eps_list: list[float], surrogates: tuple[tuple[str, str], ...] = SURROGATES) -> None:
+def target_checkpoint(paths: Paths, unit: str) -> Path:
+    """A campaign unit's members-only checkpoint, or an ablation unit's (``ablation.py``) when the campaign has none."""
+    path = paths.checkpoint(unit)
+    if path.exists():
+        return path
+    ablation = Path(__file__).with_name("ablation") / paths.results.name / "checkpoints" / f"{unit}.pt"
+    if ablation.exists():
+        return ablation
+    raise FileNotFoundError(f"no checkpoint for {unit!r}: neither {path} nor {ablation}")
+
+
+def main(eps_list: list[float], surrogates: tuple[tuple[str, str], ...] = SURROGATES,
+         target_units: tuple[str, ...] = TARGETS) -> None:
     """Score every target (but a surrogate) under AdverTorch's transfer sets from ``surrogates`` (name, unit)."""
     torch.set_num_threads(1)
     c = get_campaign("cldl-table4")
     paths = Paths.of(c)
-    ckpt = {u: paths.checkpoint(u) for u in TARGETS if u not in dict(surrogates).values()}
+    ckpt = {u: target_checkpoint(paths, u) for u in target_units if u not in dict(surrogates).values()}
     first = next(iter(ckpt))
     spec = {**campaign_evaluation_spec("mnist", str(ckpt[first])), "attacks": []}
     surs = {n: _surrogate(paths, u) for n, u in surrogates}
@@ -157,7 +171,7 @@ def main(eps_list: list[float], surrogates: tuple[tuple[str, str], ...] = SURROG
             cells[u] = {"n_clean_correct": n_cc, "clean_acc": round(float(clean[u].float().mean()), 6)}
             for fam in FAMILIES:
                 cell: dict[str, Any] = {}
-                if surrogates == SURROGATES:  # our own cell, from the same surrogates (run.py)
+                if surrogates == SURROGATES and target_units == TARGETS:  # our cell, same surrogates (run.py)
                     mine = next(r for r in ours[u]["records"] if str(r["attack"]).startswith(fam) and r["eps"] == eps)
                     cell = {"ours": round(100 * mine["robust_acc_among_correct"], 2),
                             "ours_n_clean_correct": mine["n_clean_correct"]}
@@ -169,6 +183,8 @@ def main(eps_list: list[float], surrogates: tuple[tuple[str, str], ...] = SURROG
                 cells[u][fam] = cell
             print(eps, u, cells[u]["pgd"], flush=True)
         key = f"{eps:g}" if surrogates == SURROGATES else f"{eps:g} " + "+".join(u for _, u in surrogates)
+        if target_units != TARGETS:
+            key += " → " + "+".join(target_units)
         done[key] = {"wall_s": round(time.time() - t0, 1), "n_images": len(x), "cells": cells,
                             "advertorch": "0.2.3", "torch": torch.__version__, "batch": BATCH,
                             "surrogates": dict(surrogates)}
@@ -177,4 +193,5 @@ def main(eps_list: list[float], surrogates: tuple[tuple[str, str], ...] = SURROG
 
 if __name__ == "__main__":
     sur = tuple(tuple(p.split("=", 1)) for p in sys.argv[2].split(",")) if len(sys.argv) > 2 else SURROGATES
-    main([float(e) for e in sys.argv[1].split(",")], sur)  # type: ignore[arg-type]
+    tgt = tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else TARGETS
+    main([float(e) for e in sys.argv[1].split(",")], sur, tgt)  # type: ignore[arg-type]

@@ -252,6 +252,7 @@ def _advertorch_section(rows: list[Any]) -> list[str]:
                   "seed-0 weights with another data order (`data_seed`) and scores it against the same-init pair.",
                   ""]
     lines += _lsd_pair_section(rows, data)
+    lines += _data_order_section(data)
     return lines
 
 
@@ -323,6 +324,41 @@ def _lsd_pair_section(rows: list[Any], data: dict[str, Any]) -> list[str]:
                   "and 2."]
     lines += ["", "One training seed; the campaign's `same-init` group repeats this with three seeds and our own "
               "attacks.", ""]
+    return lines
+
+
+ABLATION = "cldl-3-4-4-s0-data1000"
+
+
+def _data_order_section(data: dict[str, Any]) -> list[str]:
+    """CLDL(3,4,4) from the seed-0 weights on another data order (``ablation.py``), beside the seed-0 row, under
+    both pairs of surrogates (``advertorch_check.py 0.2 <pair> cldl-3-4-4-s0,cldl-3-4-4-s0-data1000``)."""
+    runs = {k.split(" → ")[0]: v for k, v in data.items() if k.endswith(f" → cldl-3-4-4-s0+{ABLATION}")}
+    train = OUT.with_name("ablation") / "cldl-table4" / "train" / f"{ABLATION}.json"
+    if "0.2" not in runs or not train.exists():
+        return []
+    rec = json.loads(train.read_text())
+    paper = get_campaign("cldl-table4").paper
+    i2 = paper["eps"].index(0.2)
+    pairs = [("0.2", "PROTOCOL's pair"), *[(k, "the LSD code's pair") for k in runs if "lsd-b5" in k]]
+    lines = ["## CLDL(3,4,4) on another data order (the LSD code's CLDL and its surrogates)", "",
+             f"`{ABLATION}` (`ablation.py`; record `ablation/cldl-table4/train/{ABLATION}.json`): CLDL(3,4,4) "
+             "trained exactly as `cldl-3-4-4-s0`, from the same seed-0 initial weights, but with `data_seed` 1000, "
+             "so its batches and flips differ from those of `baseline-s0` (the 3-member surrogate of the LSD "
+             "code's pair) as the LSD code's CLDL's do. Clean accuracy on the 9,000-image report subset "
+             f"{100 * rec['clean']['acc']:.2f} %. Both targets are scored in one run per pair, on the same "
+             "AdverTorch transfer sets (the paper's losses, CE and the LSD CW form; ε 0.2; 12 copies per attack; "
+             "per image all copies; among clean-correct; 2,000 images):", "",
+             "| surrogates | attack | `cldl-3-4-4-s0` (the surrogate's data order) | `" + ABLATION + "` | "
+             "difference | paper |", "|---|---|---|---|---|---|"]
+    col = paper["columns"]["CLDL(3,4,4)"]
+    for key, name in pairs:
+        cells = runs[key]["cells"]
+        for f in ("fgsm", "bim", "mim", "pgd"):
+            a = cells["cldl-3-4-4-s0"][f]["advertorch ce+cw-lsd"]
+            b = cells[ABLATION][f]["advertorch ce+cw-lsd"]
+            lines.append(f"| {name} | {f.upper()} | {a:.2f} | {b:.2f} | {b - a:+.2f} | {col[f.upper()][i2]:.2f} |")
+    lines.append("")
     return lines
 
 
