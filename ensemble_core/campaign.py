@@ -771,9 +771,10 @@ class CostClock:
 
 def run_training(c: Campaign, paths: Paths, *, device: str = "cpu", commit: bool = False,
                  units: list[TrainUnit] | None = None, max_units: int | None = None,
-                 log: Callable[[str], None] = print) -> list[str]:
-    """Train every unit not yet recorded, in order; one progress line per unit with an ETA. Returns the ids
-    trained in this call."""
+                 log: Callable[[str], None] = print,
+                 after_unit: Callable[[TrainUnit], None] | None = None) -> list[str]:
+    """Train every unit not yet recorded, in order; one progress line per unit with an ETA; ``after_unit`` is
+    called with each unit once it is recorded. Returns the ids trained in this call."""
     units = units if units is not None else train_units(c)
     costs = {u.id: estimate_cost(u.spec) for u in units}
     clock = CostClock()
@@ -804,6 +805,8 @@ def run_training(c: Campaign, paths: Paths, *, device: str = "cpu", commit: bool
             f"{100 * rec['clean']['acc']:.2f} % (members "
             f"{', '.join(f'{100 * a:.1f}' for a in rec['clean']['member_acc'])}); {len(todo) - i - 1} left, "
             f"ETA {time.strftime('%a %H:%M', time.localtime(time.time() + left))}")
+        if after_unit is not None:
+            after_unit(u)
     return trained
 
 
@@ -1151,7 +1154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ensemble_core.campaign", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help=f"a declared campaign: {', '.join(sorted(CAMPAIGNS))}")
-    p.add_argument("--phase", choices=["train", "eval", "all"], default="all")
+    p.add_argument("--phase", choices=["train", "eval", "all"], default="all",
+                   help="train: the training units only; eval: the evaluation units whose checkpoints are "
+                        "recorded; all (default): training, with every evaluation unit run as soon as its target "
+                        "and surrogates are recorded")
     p.add_argument("--status", action="store_true", help="list the units and what is recorded, then exit")
     p.add_argument("--report", action="store_true", help="write docs/results/<name>/README.md from the records")
     p.add_argument("--seeds", help="comma-separated training seeds to run (default: all declared)")
@@ -1203,12 +1209,21 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(args.units.split(","))
         units = [u for u in units if u.id in wanted]
     log(f"[campaign {c.name}] device {device}, {torch.get_num_threads()} thread(s), niceness {os.nice(0)}")
-    if args.phase in ("train", "all"):
-        run_training(c, paths, device=device, commit=args.commit, units=units, max_units=args.max_units, log=log)
-    if args.phase in ("eval", "all"):
+
+    def evaluate(max_units: int | None = None) -> None:
         run_evaluations(c, paths, device=device, commit=args.commit, quick=args.quick,
                         transfer_examples=args.transfer_examples, wb_examples=args.wb_examples,
-                        max_units=args.max_units, log=log)
+                        max_units=max_units, log=log)
+
+    if args.phase == "train":
+        run_training(c, paths, device=device, commit=args.commit, units=units, max_units=args.max_units, log=log)
+    elif args.phase == "eval":
+        evaluate(args.max_units)
+    else:  # all: every evaluation unit as soon as its target and surrogates are recorded, between trainings
+        evaluate()
+        run_training(c, paths, device=device, commit=args.commit, units=units, max_units=args.max_units, log=log,
+                     after_unit=lambda u: evaluate())
+        evaluate()
     return 0
 
 

@@ -92,8 +92,11 @@ def tiny_paths(tmp_path: Path) -> Paths:
 @pytest.mark.slow
 def test_tiny_campaign_trains_records_skips_and_resumes(tiny_paths: Paths) -> None:
     logs: list[str] = []
-    done = cp.run_training(TINY, tiny_paths, log=logs.append)
+    seen: list[tuple[str, bool]] = []  # after_unit sees each unit once its record is written
+    done = cp.run_training(TINY, tiny_paths, log=logs.append,
+                           after_unit=lambda u: seen.append((u.id, cp.train_done(tiny_paths, u))))
     assert done == [u.id for u in train_units(TINY)] and len(done) == 5
+    assert seen == [(u, True) for u in done]
     assert any("ETA" in line and "unit 1/5" in line for line in logs)
     assert "| GAL (LSD) | `gal-lsd` | 0, 1 |" in (tiny_paths.results / "README.md").read_text()  # page kept current
     rec = json.loads(tiny_paths.train_record("gal-s1").read_text())
@@ -460,3 +463,32 @@ def test_the_leaderboard_headline_is_rewritten_from_the_records_and_the_quick_ro
     current = cp.headline(cp.get_campaign("cldl-table4"), Paths.of(cp.get_campaign("cldl-table4")))
     pub = next(h for h in published.get("headline", []) if h["campaign"] == "cldl-table4")
     assert pub["rows"] == current["rows"] and pub["train_units"] == current["train_units"]
+
+
+def test_phase_all_evaluates_whatever_is_ready_between_trainings(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--phase all``: the ready evaluation units first, then again after every trained unit, and at the end;
+    ``--phase train`` never evaluates, ``--phase eval`` never trains."""
+    calls: list[str] = []
+
+    def fake_training(c: Campaign, paths: Paths, *, units: list[Any] | None = None, after_unit: Any = None,
+                      **kw: Any) -> list[str]:
+        for u in units or []:
+            calls.append(f"train {u.id}")
+            if after_unit is not None:
+                after_unit(u)
+        return [u.id for u in units or []]
+
+    monkeypatch.setattr(cp, "run_training", fake_training)
+    monkeypatch.setattr(cp, "run_evaluations", lambda c, paths, **kw: calls.append("eval") or [])
+    monkeypatch.setitem(cp.CAMPAIGNS, "tiny", TINY)
+    args = ["tiny", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs"), "--nice", "0",
+            "--units", "baseline-s0,gal-s0"]
+    assert cp.main([*args, "--phase", "all"]) == 0
+    assert calls == ["eval", "train baseline-s0", "eval", "train gal-s0", "eval", "eval"]
+    calls.clear()
+    cp.main([*args, "--phase", "train"])
+    assert calls == ["train baseline-s0", "train gal-s0"]
+    calls.clear()
+    cp.main([*args, "--phase", "eval"])
+    assert calls == ["eval"]
