@@ -492,3 +492,44 @@ def test_phase_all_evaluates_whatever_is_ready_between_trainings(tmp_path: Path,
     calls.clear()
     cp.main([*args, "--phase", "eval"])
     assert calls == ["eval"]
+
+
+def test_cldl_table8_is_table_four_on_fashion_mnist() -> None:
+    """Campaign 3: Table VIII's rows with the LSD Fashion-MNIST recipe, every unit alike, PROTOCOL's F-MNIST ε."""
+    c = cp.get_campaign("cldl-table8")
+    units = train_units(c)
+    assert len(units) == 6 * 3 + 2 + 3
+    assert all(u.spec["dataset"] == "fashion_mnist" and u.spec["epochs"] == 30 and u.spec["extra_pass"]
+               and u.spec["schedule"] == {"name": "multistep", "milestones": [10, 20], "gamma": 0.1}
+               for u in units)
+    assert {r.paper_column for r in c.rows} - {None} == set(c.paper["columns"])
+    assert c.paper["eps"] == [0.08, 0.1, 0.15, 0.2] and c.paper["headline_eps"] in c.paper["eps"]
+    by_id = {u.id: u for u in units}
+    assert by_id["cldl-3-2-4-s0"].spec["hyperparameters"] == {"gamma": 3.0, "alpha": 2.0, "beta": 4.0}
+    assert list(cp.CAMPAIGNS) == ["cldl-table4", "dkd-table3", "cldl-table8"]  # the issue's order
+
+
+def _spec_table(text: str, title: str) -> dict[str, dict[str, list[float]]]:
+    """A reference table of the CLDL spec as {column: {family: [value per ε]}} (bold marks dropped)."""
+    lines = text[text.index(title):].splitlines()[2:]
+    head = [h.strip() for h in lines[0].strip("|").split("|")]
+    out: dict[str, dict[str, list[float]]] = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [x.strip().strip("*") for x in line.strip("|").split("|")]
+        for col, val in zip(head[2:], cells[2:], strict=True):
+            out.setdefault(col, {}).setdefault(cells[0], []).append(float(val))
+    return out
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[3] / "shared" / "specs" / "cldl.md").exists(),
+                    reason="the method specs (../shared) are not beside this checkout")
+def test_the_declared_paper_figures_are_the_specs_tables() -> None:
+    """Tables IV and VIII as declared equal the spec's transcription of the paper (where the spec is at hand)."""
+    text = (Path(__file__).resolve().parents[3] / "shared" / "specs" / "cldl.md").read_text()
+    t8 = _spec_table(text, "#### Table VIII")
+    assert t8 == cp.get_campaign("cldl-table8").paper["columns"]
+    t4 = _spec_table(text, "#### Table IV")
+    declared = cp.get_campaign("cldl-table4").paper["columns"]  # plus Table VI's CLDL(3,0,0), not in Table IV
+    assert len(t4) == 6 and t4 == {k: declared[k] for k in t4}
