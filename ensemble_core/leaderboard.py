@@ -377,8 +377,9 @@ def render_headline(heads: list[dict[str, Any]]) -> list[str]:
                          + " | ".join(_ms(tw[e][key]) if e in tw else "–" for e in t_eps)
                          + (" | " if w_eps else "") + " | ".join(_ms(ww[e]["all"]) if e in ww else "–" for e in w_eps)
                          + f" | {paper} |")
-        lines += ["", f"*paper*: {h['paper_table']}, the attack family's own figure (ours is the worst case over all "
-                  "families, so it sits at or below each family's figure on the campaign page).", ""]
+        lines += ["", f"*paper*: {h['paper_table']}, one attack family's figures (ours is the per-image worst case "
+                  "over every family, so it is at most our own figure for any one family; those, beside the "
+                  "paper's, are on the campaign page).", ""]
     return lines
 
 
