@@ -377,6 +377,21 @@ def test_cldl_page_quotes_the_advertorch_check() -> None:
     assert f"TRS lands within {max(abs(v) for v in trs):.2f} points of Table IV at every attack, ADP " \
            f"{-adp[-1]:.2f}–{-adp[0]:.2f} below it, GAL {gal[0]:.2f}–{gal[-1]:.2f} above, and CLDL(3,4,4) " \
            f"{-cldl[-1]:.2f}–{-cldl[0]:.2f} below" in text
+    # the data-order ablation: a second CLDL(3,4,4) training from the seed-0 weights, on both pairs
+    ab = "cldl-3-4-4-s0-data1000"
+    rec = json.loads((root / f"docs/results/cldl-table4/preliminary/ablation/cldl-table4/train/{ab}.json").read_text())
+    assert f"Clean accuracy {100 * rec['clean']['acc']:.2f} %" in text
+    pgd = {k: {u: data[f"{k} → cldl-3-4-4-s0+{ab}"]["cells"][u]["pgd"]["advertorch ce+cw-lsd"]
+               for u in ("cldl-3-4-4-s0", ab)} for k in ("0.2", "0.2 baseline-s0+lsd-b5-s0")}
+    proto, lsd_pair = pgd["0.2"], pgd["0.2 baseline-s0+lsd-b5-s0"]
+    assert f"{proto[ab]:.2f} with PROTOCOL's independent pair (seed-0 row {proto['cldl-3-4-4-s0']:.2f}, " \
+           f"{proto[ab] - proto['cldl-3-4-4-s0']:+.2f}) and {lsd_pair[ab]:.2f} with the LSD code's pair (seed-0 row " \
+           f"{lsd_pair['cldl-3-4-4-s0']:.2f}, {lsd_pair[ab] - lsd_pair['cldl-3-4-4-s0']:+.2f})" in text
+    moves = [data[f"{k} → cldl-3-4-4-s0+{ab}"]["cells"][ab][f]["advertorch ce+cw-lsd"]
+             - data[f"{k} → cldl-3-4-4-s0+{ab}"]["cells"]["cldl-3-4-4-s0"][f]["advertorch ce+cw-lsd"]
+             for k in pgd for f in ("bim", "mim")]
+    assert f"BIM and MIM move by {min(moves):.1f}–{max(moves):.1f} points" in text
+    assert proto["cldl-3-4-4-s0"] == cells["cldl-3-4-4-s0"]["pgd"]["advertorch ce+cw-lsd"]  # reproduced exactly
 
 
 def test_the_data_order_ablation_differs_from_its_row_only_in_data_seed() -> None:
