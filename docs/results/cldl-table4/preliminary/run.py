@@ -436,6 +436,35 @@ def _data_order_section(data: dict[str, Any]) -> list[str]:
                   "little about Table IV's CLDL cells. The campaign's three seeds measure that spread for every "
                   "row (mean ± sd); this pair shares its initial weights, so it is one draw of the data-order "
                   "part of it only."]
+    probe = OUT.with_name("diversity-probe.json")
+    if probe.exists():
+        dp = json.loads(probe.read_text())
+        u = dp["units"]
+
+        def fools(unit: str) -> str:
+            f = u[unit]["surrogate_fools"]
+            return "/".join(f"{100 * f[k]:.0f}" for k in sorted(k for k in f if k != "ensemble")) + \
+                f" % (ensemble {100 * f['ensemble']:.0f} %)"
+
+        a, b = u["cldl-3-4-4-s0"], u[ABLATION]
+        fa = sorted(v for k, v in a["surrogate_fools"].items() if k != "ensemble")
+        fb = sorted(v for k, v in b["surrogate_fools"].items() if k != "ensemble")
+        pattern = ("the more robust training has two members the surrogate's examples fool less often than any "
+                   "of the other's, and one they fool more often than any of the other's. " if
+                   fb[1] < fa[0] and fb[2] > fa[2] else "")
+        base = u["baseline-s0"]
+        lines += ["", f"Inside the two trainings (`diversity_probe.py`, record `diversity-probe.json`; the first "
+                  f"{dp['n_images']:,} images of the slice; PGD-{dp['steps']} with CE, ε {dp['eps']:g}, step ε/5, "
+                  "one random start): the members' input gradients are close to orthogonal in both (mean |cos| "
+                  f"{a['grad_abs_cos_mean']:.4f} and {b['grad_abs_cos_mean']:.4f}; `baseline-s0` "
+                  f"{base['grad_abs_cos_mean']:.2f}), and a PGD example crafted on one member fools another on "
+                  f"{100 * a['member_transfer_mean']:.1f} and {100 * b['member_transfer_mean']:.1f} % of the images "
+                  f"both classify correctly (`baseline-s0` {100 * base['member_transfer_mean']:.1f} %): by gradient "
+                  "alignment (what ℓ_gd lowers) and by member-to-member transfer, the more robust training is not "
+                  "the more diverse one. The same PGD crafted on `surrogate-b3` alone fools the members of "
+                  f"`cldl-3-4-4-s0` on {fools('cldl-3-4-4-s0')} of their clean-correct images, those of `{ABLATION}` "
+                  f"on {fools(ABLATION)}, and those of `trs-s0` on {fools('trs-s0')}: " + pattern
+                  + "One pair of trainings; an observation, not a cause."]
     lines.append("")
     return lines
 
