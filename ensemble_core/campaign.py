@@ -1077,7 +1077,7 @@ def _claims_section(c: Campaign, evals: dict[str, dict[str, Any]], group: str | 
             sd = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
             out.append(f"| {a} above {b}, {fam} | {pa - pb:+.2f} | {statistics.mean(diffs):+.1f}{sd} (n "
                        f"{len(diffs)}) | {claim_verdict(diffs)} |")
-    return [*out, ""] if len(out) > 5 else []
+    return [*out, ""] if len(out) > 6 else []  # a claim row below the header and its rule
 
 
 def _whitebox_section(c: Campaign, evals: dict[str, dict[str, Any]]) -> list[str]:

@@ -452,6 +452,8 @@ def test_claims_are_judged_from_paired_seed_differences() -> None:
     del evals["gal-s2"]  # two seeds left: differences 10 and 11
     assert "| GAL (LSD) above ADP (LSD), PGD | +10.00 | +10.5 ± 0.7 (n 2) | held |" in cp._claims_section(c, evals)
     assert cp._claims_section(c, {}) == []
+    # only rows without a paper figure evaluated (the baseline): no claim, so no section (not an empty table)
+    assert cp._claims_section(c, {"adp-s0": {"records": [rec(0.2)]}}) == []
 
 
 
