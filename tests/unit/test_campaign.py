@@ -392,6 +392,9 @@ def test_cldl_page_quotes_the_advertorch_check() -> None:
              for k in pgd for f in ("bim", "mim")]
     assert f"BIM and MIM move by {min(moves):.1f}–{max(moves):.1f} points" in text
     assert proto["cldl-3-4-4-s0"] == cells["cldl-3-4-4-s0"]["pgd"]["advertorch ce+cw-lsd"]  # reproduced exactly
+    readme = " ".join((root / "README.md").read_text().split())
+    assert f"scores {proto[ab]:.2f} % at transfer PGD ε = 0.2 against the seed-0 training's " \
+           f"{proto['cldl-3-4-4-s0']:.2f}" in readme
 
 
 def test_the_data_order_ablation_differs_from_its_row_only_in_data_seed() -> None:
