@@ -867,11 +867,14 @@ def run_evaluations(c: Campaign, paths: Paths, *, device: str = "cpu", commit: b
         log(f"[campaign {c.name}] evaluation {i + 1}/{len(ready)} {u.id}: start"
             + (f"; ETA {time.strftime('%a %H:%M', time.localtime(time.time() + eta))}" if eta else ""))
         t0 = time.time()
+        rec_path = paths.eval_record(u.id)
+        before = rec_path.stat().st_mtime_ns if rec_path.exists() else None
         run_eval_unit(u, paths, device=device, commit=commit, quick=quick, transfer_examples=transfer_examples,
                       wb_examples=wb_examples, log=log, campaign=c)
-        times.append(time.time() - t0)
+        if rec_path.stat().st_mtime_ns != before:  # evaluated now, not found recorded: it counts for the ETA
+            times.append(time.time() - t0)
         done.append(u.id)
-        log(f"[campaign {c.name}] evaluation {i + 1}/{len(ready)} {u.id}: done in {_fmt_s(times[-1])}")
+        log(f"[campaign {c.name}] evaluation {i + 1}/{len(ready)} {u.id}: done in {_fmt_s(time.time() - t0)}")
     return done
 
 

@@ -190,6 +190,9 @@ def test_tiny_campaign_evaluates_and_keys_on_the_evaluation_code(tiny_paths: Pat
     assert cp.run_evaluations(TINY, tiny_paths, log=logs.append, max_units=1) == ["baseline-s0"]
     assert tiny_paths.eval_record("baseline-s0").stat().st_mtime_ns == t_rec
     assert any("already recorded" in line for line in logs)
+    logs.clear()  # units found recorded take no time and do not count for the ETA of the next ones
+    assert cp.run_evaluations(TINY, tiny_paths, log=logs.append, max_units=3) == [u.id for u in eval_units(TINY)][:3]
+    assert not any("ETA" in line for line in logs), logs
     before = {u.id: tiny_paths.train_record(u.id).stat().st_mtime_ns for u in train_units(TINY)}
     fp0 = json.loads(tiny_paths.eval_record("baseline-s0").read_text())["fingerprint"]
     monkeypatch.setattr(cp, "evaluation_code_digest", lambda root=None: "changed-code")
