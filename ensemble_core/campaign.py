@@ -1170,8 +1170,16 @@ def headline(c: Campaign, paths: Paths) -> dict[str, Any]:
             "paper": ({"attack": "PGD" if col.get("PGD") else "FGSM", "eps": paper.get("eps"), "values": pgd}
                       if pgd else None)})
     pre = paths.results / "preliminary" / "README.md"
-    return {"campaign": c.name, "title": c.title, "page": f"{c.name}/README.md", "budget": c.notes[0] if c.notes
-            else "", "preliminary_page": f"{c.name}/preliminary/README.md" if pre.exists() else None,
+    specs = [rec.get("evaluation_spec", {}) for rec in evals.values()]
+    wb_specs = [sp for sp in specs if sp.get("attacks")]
+    evaluation = None if not specs else {
+        "split": specs[0].get("split"), "seed": specs[0].get("seed"),
+        "transfer_images": specs[0].get("transfer_n_examples") or specs[0].get("n_examples"),
+        "white_box_images": wb_specs[0].get("n_examples") if wb_specs else None,
+        "white_box_attacks": sorted({str(a.get("name")) for sp in wb_specs for a in sp["attacks"]})}
+    return {"campaign": c.name, "evaluation": evaluation, "title": c.title, "page": f"{c.name}/README.md",
+            "budget": c.notes[0] if c.notes else "",
+            "preliminary_page": f"{c.name}/preliminary/README.md" if pre.exists() else None,
             "seeds": list(c.seeds), "paper_group": c.paper_group,
             "paper_group_surrogates": [d.key for d in c.surrogates if d.group == c.paper_group],
             "paper_denominator": c.paper_denominator, "paper_table": paper.get("table"),

@@ -332,8 +332,10 @@ def render_headline(heads: list[dict[str, Any]]) -> list[str]:
     lines = ["## Headline: the papers' tables at the papers' budgets (campaigns)", "",
              "Each campaign trains a paper's rows at the paper's budget (or the largest that fits, stated below) "
              "with every declared training seed; each figure is the mean ± sd over the seeds recorded (n = how "
-             "many). *Transfer*: the per-image worst case over every transfer attack (FGSM, BIM, MIM, PGD; CE and "
-             "CW; every PGD seed) from the campaign's paper-group surrogates at that ε or below, with the paper's "
+             "many). *Transfer*: the per-image worst case over every transfer attack (PROTOCOL's set: FGSM; BIM, "
+             "MIM and PGD with 10 steps of ε/5, PGD from 3 random starts; CE and the CW margin, κ 0.1; plus a "
+             "paper's own where its campaign declares one) from the campaign's paper-group surrogates at that ε "
+             "or below, with the paper's "
              "denominator (the column says which); *white-box*: the worst case over every white-box attack of the "
              "campaign's suite, on the seeds it ran on. Each campaign's page has every attack, ε, slice, surrogate "
              "and seed, and the paper's figures beside ours.", ""]
@@ -358,6 +360,13 @@ def render_headline(heads: list[dict[str, Any]]) -> list[str]:
                       f"{_ms(r['clean_acc'])} |" for r in rows]
             lines.append("")
             continue
+        ev = h.get("evaluation") or {}
+        if ev:
+            wb = (f", white-box on the first {ev['white_box_images']:,} of them ({', '.join(ev['white_box_attacks'])})"
+                  if ev.get("white_box_images") else "")
+            lines += [f"Transfer on a seeded {ev['transfer_images']:,}-image slice of the {ev['split']} subset{wb}; "
+                      f"evaluation seed {ev['seed']}; every attack's parameters in each record's `evaluation_spec`.",
+                      ""]
         t_eps = sorted({c["eps"] for r in rows for c in r["transfer_worst"]})
         w_eps = sorted({c["eps"] for r in rows for c in r["white_box_worst"]})
         key = "clean_correct" if h["paper_denominator"] == "clean_correct" else "all"

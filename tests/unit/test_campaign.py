@@ -248,6 +248,10 @@ def test_tiny_campaign_evaluates_and_keys_on_the_evaluation_code(tiny_paths: Pat
     sd = f" ± {100 * cell['all']['sd']:.1f}" if cell["all"]["sd"] else " ± 0.0"
     assert f"| {100 * cell['all']['mean']:.1f}{sd} (n 2) | {100 * worst['robust_acc']:.1f} (n 1) |" in md, md
     assert "4 of 4 evaluation units recorded" in md
+    assert h["evaluation"] == {"split": "report", "seed": 0, "transfer_images": 12, "white_box_images": 12,
+                               "white_box_attacks": ["fgsm"]}  # the tiny spec: 12 images, white-box FGSM on seed 0
+    assert "Transfer on a seeded 12-image slice of the report subset, white-box on the first 12 of them (fgsm); " \
+           "evaluation seed 0" in md
 
 
 def test_git_commit_commits_exactly_the_units_files(tmp_path: Path) -> None:
