@@ -21,6 +21,12 @@ split into *units*:
   evaluation spec and the checkpoints' hashes: changed evaluation code re-runs the evaluation, never the
   training.
 
+Work in progress lives in ``runs/`` (ignored by git). ``--park`` copies every unfinished unit's latest state
+(a training unit's last epoch checkpoint with its optimizer state, an evaluation unit's per-example state) into
+``docs/results/<name>/in-progress/`` (committed with ``--commit``); a later run on a fresh clone resumes from
+there when ``runs/`` has nothing, and the unit's own commit removes its parked files. Run it before a working
+session ends, so that the end of a session loses nothing, not even the unit in progress.
+
 Order: seed 0 of every row (and the surrogates) first, cheapest first, then the next seed. One progress
 line per unit with an ETA. The same grid runs on a GPU (``--device auto``); the device never enters a
 unit's key. Records hold per-example outcomes compressed (packed bits, base64).
@@ -36,6 +42,8 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -483,6 +491,11 @@ class Paths:
     def run_dir(self, unit_id: str) -> Path:
         return self.runs / unit_id
 
+    def parked(self, unit_id: str, kind: str) -> Path:
+        """Where ``--park`` keeps an unfinished unit's state in the repository: ``train.pt`` (the last epoch's
+        checkpoint, optimizer included), ``train.json`` (what it is) or ``eval.json`` (per-example state)."""
+        return self.results / "in-progress" / f"{unit_id}.{kind}"
+
     def rel(self, p: Path) -> str:
         try:
             return str(p.resolve().relative_to(self.root.resolve()))
@@ -495,6 +508,131 @@ def train_done(paths: Paths, unit: TrainUnit) -> bool:
     if not rec.exists() or not paths.checkpoint(unit.id).exists():
         return False
     return json.loads(rec.read_text()).get("declared_digest") == unit.digest
+
+
+# ----------------------------------------------------------------------- parked work in progress
+
+PARK_FORMAT = "robust-ensembles/campaign-parked-v1"
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _tracked(paths: Paths, q: Path) -> bool:
+    return _git(paths.root, "ls-files", "--error-unmatch", "--", paths.rel(q)).returncode == 0
+
+
+def _eval_state_dirs(paths: Paths, unit_id: str) -> list[tuple[str, Path]]:
+    """``(fingerprint, eval_state.json)`` of this unit's evaluation runs in ``runs/``, newest first."""
+    pat = re.compile(rf"^{re.escape(unit_id)}-([0-9a-f]{{16}})$")
+    found = [(m.group(1), d / "eval_state.json") for d in (paths.runs / "eval").glob(f"{unit_id}-*")
+             if (m := pat.match(d.name)) and (d / "eval_state.json").exists()]
+    return sorted(found, key=lambda t: t[1].stat().st_mtime, reverse=True)
+
+
+def park(c: Campaign, paths: Paths, *, log: Callable[[str], None] = print) -> list[Path]:
+    """Copy every unfinished unit's latest state from ``runs/`` into ``in-progress/`` (see the module docstring),
+    and remove parked files that a recorded unit has superseded. Returns the paths written or removed."""
+    from ensemble_core.checkpoint import load_checkpoint
+
+    changed: list[Path] = []
+
+    def drop(*ps: Path) -> None:
+        for q in ps:
+            if q.exists():
+                q.unlink()
+                if _tracked(paths, q):
+                    changed.append(q)
+
+    for u in train_units(c):
+        pt, meta = paths.parked(u.id, "train.pt"), paths.parked(u.id, "train.json")
+        if train_done(paths, u):
+            drop(pt, meta)
+            continue
+        ckpt = paths.run_dir(u.id) / "checkpoint.pt"
+        declared = paths.run_dir(u.id) / "declared_spec.json"
+        if not ckpt.exists() or (declared.exists() and json.loads(declared.read_text()) != u.spec):
+            continue  # nothing trained yet, or another declaration's weights (run_train_unit discards them)
+        if meta.exists() and json.loads(meta.read_text()).get("sha256") == _sha256(ckpt):
+            continue
+        _copy_atomic(ckpt, pt)  # the trainer replaces checkpoint.pt atomically: the copy is one whole epoch's
+        sha, prog = _sha256(pt), load_checkpoint(pt)["progress"]
+        _atomic_write(meta, json.dumps({
+            "format": PARK_FORMAT, "campaign": c.name, "unit": u.id, "kind": "train", "declared_digest": u.digest,
+            "sha256": sha, "bytes": pt.stat().st_size, "progress": prog,
+            "parked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1, sort_keys=True) + "\n")
+        changed += [pt, meta]
+        log(f"  parked {u.id}: stage {prog['stage'] + 1}/{prog['stages']}, {prog['epoch']}/{prog['epochs']} passes "
+            f"done ({pt.stat().st_size / 1e6:.1f} MB)")
+    for e in eval_units(c):
+        parked = paths.parked(e.id, "eval.json")
+        rec = paths.eval_record(e.id)
+        recorded_fp = json.loads(rec.read_text()).get("fingerprint") if rec.exists() else None
+        runs = [(fp, f) for fp, f in _eval_state_dirs(paths, e.id) if fp != recorded_fp]
+        old = json.loads(parked.read_text()) if parked.exists() else None
+        if not runs:
+            if old is not None and old.get("fingerprint") == recorded_fp:
+                drop(parked)
+            continue
+        fp, state_file = runs[0]
+        state = json.loads(state_file.read_text())
+        packed = compress_json(state)
+        if old is not None and old.get("fingerprint") == fp and old.get("state_zlib_b64") == packed:
+            continue
+        _atomic_write(parked, json.dumps({
+            "format": PARK_FORMAT, "campaign": c.name, "unit": e.id, "kind": "eval", "fingerprint": fp,
+            "pieces_done": len(state.get("done", [])), "parked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "state_zlib_b64": packed}, indent=1, sort_keys=True) + "\n")
+        changed.append(parked)
+        log(f"  parked evaluation {e.id} ({fp}): {len(state.get('done', []))} pieces done")
+    return changed
+
+
+def unpark_train(unit: TrainUnit, paths: Paths, out: Path, log: Callable[[str], None] = print) -> bool:
+    """Resume from the parked checkpoint when ``runs/`` has none and it was parked for this declaration."""
+    pt, meta = paths.parked(unit.id, "train.pt"), paths.parked(unit.id, "train.json")
+    if (out / "checkpoint.pt").exists() or not (pt.exists() and meta.exists()):
+        return False
+    info = json.loads(meta.read_text())
+    if info.get("declared_digest") != unit.digest or info.get("sha256") != _sha256(pt):
+        log(f"    {unit.id}: ignoring {paths.rel(pt)} (another declaration, or not the file that was parked)")
+        return False
+    _copy_atomic(pt, out / "checkpoint.pt")
+    prog = info["progress"]
+    log(f"    {unit.id}: resuming from the parked checkpoint ({prog['epoch']}/{prog['epochs']} passes of stage "
+        f"{prog['stage'] + 1}, parked {info['parked_at']})")
+    return True
+
+
+def unpark_eval(unit_id: str, fingerprint: str, paths: Paths, out: Path, log: Callable[[str], None] = print) -> bool:
+    """Restore the parked per-example state when ``runs/`` has none and it belongs to this evaluation."""
+    parked, state_file = paths.parked(unit_id, "eval.json"), out / "eval_state.json"
+    if state_file.exists() or not parked.exists():
+        return False
+    info = json.loads(parked.read_text())
+    if info.get("fingerprint") != fingerprint:
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(state_file, json.dumps(decompress_json(info["state_zlib_b64"])))
+    log(f"    {unit_id}: resuming from the parked evaluation state ({info['pieces_done']} pieces done)")
+    return True
+
+
+def drop_parked(paths: Paths, unit_id: str, kinds: Sequence[str]) -> list[Path]:
+    """Remove the unit's parked files now that it is recorded; returns those git tracks (for the unit's commit,
+    which records their removal)."""
+    gone = []
+    for kind in kinds:
+        q = paths.parked(unit_id, kind)
+        if q.exists():
+            q.unlink()
+            if _tracked(paths, q):
+                gone.append(q)
+    return gone
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -580,6 +718,7 @@ def run_train_unit(unit: TrainUnit, paths: Paths, *, device: str = "cpu", commit
             (out / stale).unlink(missing_ok=True)
         log(f"    {unit.id}: its declaration changed since the partial run in {out}; starting again")
     declared.write_text(json.dumps(unit.spec, indent=1, sort_keys=True))
+    unpark_train(unit, paths, out, log)
     started = time.time()
     result, final = train_local(resolved, out, resume=True, progress=False, device=device,
                                 log=lambda m: log(f"    {unit.id}: {m}"))
@@ -613,7 +752,7 @@ def run_train_unit(unit: TrainUnit, paths: Paths, *, device: str = "cpu", commit
     }
     rec_path = paths.train_record(unit.id)
     _atomic_write(rec_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
-    files = [rec_path, ckpt]
+    files = [rec_path, ckpt, *drop_parked(paths, unit.id, ("train.pt", "train.json"))]
     if campaign is not None:
         page = paths.results / "README.md"
         _atomic_write(page, render_report(campaign, paths) + "\n")
@@ -724,6 +863,7 @@ def run_eval_unit(unit: EvalUnit, paths: Paths, *, device: str = "cpu", commit: 
         log(f"  {unit.id}: evaluation {fp} already recorded")
         return json.loads(rec_path.read_text())
     out = paths.runs / "eval" / f"{unit.id}-{fp}"
+    unpark_eval(unit.id, fp, paths, out, log)
     surrogates = {name: str(paths.checkpoint(s.id)) for name, s in unit.surrogates}
     groups = surrogate_groups(unit)
     extra: dict[str, Any] = {}
@@ -749,7 +889,7 @@ def run_eval_unit(unit: EvalUnit, paths: Paths, *, device: str = "cpu", commit: 
         "wall_time_s": round(time.time() - t0, 1), "machine": _machine(device), "code": _git_head(paths.root),
     }
     _atomic_write(rec_path, json.dumps(_round(record), indent=1, sort_keys=True, default=str) + "\n")
-    files = [rec_path]
+    files = [rec_path, *drop_parked(paths, unit.id, ("eval.json",))]
     if campaign is not None:
         page = paths.results / "README.md"
         _atomic_write(page, render_report(campaign, paths) + "\n")
@@ -1191,11 +1331,19 @@ def status_table(c: Campaign, paths: Paths) -> str:
     lines = [f"campaign {c.name}: {c.title}"]
     tu = train_units(c)
     for u in tu:
+        meta = paths.parked(u.id, "train.json")
         state = "recorded" if train_done(paths, u) else (
-            "partial (resumes from runs/)" if (paths.run_dir(u.id) / "checkpoint.pt").exists() else "to do")
+            "partial (resumes from runs/)" if (paths.run_dir(u.id) / "checkpoint.pt").exists() else
+            "parked at {epoch}/{epochs} passes (resumes from in-progress/)".format(
+                **json.loads(meta.read_text())["progress"]) if meta.exists() else "to do")
         lines.append(f"  train {u.id:<22} {u.configuration:<16} est. cost {estimate_cost(u.spec) / 1e3:8.0f}k  {state}")
     for e in eval_units(c):
-        lines.append(f"  eval  {e.id:<22} {'recorded' if paths.eval_record(e.id).exists() else 'to do'}")
+        parked = paths.parked(e.id, "eval.json")
+        state = "recorded" if paths.eval_record(e.id).exists() else (
+            f"parked, {json.loads(parked.read_text())['pieces_done']} pieces done" if parked.exists() else "to do")
+        if paths.eval_record(e.id).exists() and parked.exists():
+            state += f", a newer evaluation parked ({json.loads(parked.read_text())['pieces_done']} pieces done)"
+        lines.append(f"  eval  {e.id:<22} {state}")
     return "\n".join(lines)
 
 
@@ -1212,6 +1360,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and surrogates are recorded")
     p.add_argument("--status", action="store_true", help="list the units and what is recorded, then exit")
     p.add_argument("--report", action="store_true", help="write docs/results/<name>/README.md from the records")
+    p.add_argument("--park", action="store_true",
+                   help="copy every unfinished unit's latest state from runs/ into docs/results/<name>/in-progress/ "
+                        "(committed with --commit) so that a fresh clone resumes it; run before a session ends")
     p.add_argument("--seeds", help="comma-separated training seeds to run (default: all declared)")
     p.add_argument("--units", help="comma-separated unit ids to run (default: all)")
     p.add_argument("--max-units", type=int, default=None, help="stop after this many units")
@@ -1244,6 +1395,14 @@ def main(argv: list[str] | None = None) -> int:
         out = paths.results / "README.md"
         _atomic_write(out, render_report(c, paths) + "\n")
         print(f"wrote {out}")
+        return 0
+    if args.park:
+        changed = park(c, paths)
+        if not changed:
+            print("nothing to park: no unfinished unit has new state in runs/")
+        elif args.commit:
+            git_commit(paths.root, changed, f"campaign {c.name}: work in progress parked "
+                                            f"({', '.join(sorted({q.name.split('.')[0] for q in changed}))})")
         return 0
     import torch
 

@@ -273,6 +273,94 @@ def test_git_commit_commits_exactly_the_units_files(tmp_path: Path) -> None:
     assert not cp.git_commit(tmp_path, [rec], "again")  # nothing changed: no empty commit
 
 
+@pytest.mark.slow
+def test_parked_work_in_progress_resumes_on_a_fresh_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--park keeps an unfinished unit's state in the repository; a clone without runs/ resumes from it, and the
+    unit's own commit removes the parked files."""
+    import shutil
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    paths = Paths.of(TINY, root=tmp_path, results_dir=tmp_path / "docs" / "results", runs_dir=tmp_path / "runs")
+    cp.run_training(TINY, paths, log=lambda m: None)
+
+    def tiny_spec(dataset: str, checkpoint: str, **kw: Any) -> dict[str, Any]:
+        return {"target_checkpoint": checkpoint, "n_examples": 12, "seed": 0, "split": "report",
+                "attacks": [{"name": "fgsm", "eps": [0.1]}], "transfer_attacks": [{"name": "fgsm", "eps": [0.1]}],
+                "member_transfer": None, "checks": {"n_examples": 4, "convergence": False, "large_eps": None}}
+
+    monkeypatch.setattr(cp, "campaign_evaluation_spec", tiny_spec)
+    monkeypatch.setattr(cp, "_refresh_leaderboard", lambda paths: [])
+    assert cp.run_evaluations(TINY, paths, log=lambda m: None, max_units=1) == ["baseline-s0"]
+    assert cp.park(TINY, paths, log=lambda m: None) == []  # everything recorded: nothing to park
+    git("add", "docs")
+    git("commit", "-q", "-m", "units")
+
+    # an evaluation cut off with its pieces computed (its record not yet written), parked, resumed without runs/
+    full_eval = json.loads(paths.eval_record("baseline-s0").read_text())
+    paths.eval_record("baseline-s0").unlink()
+    changed = cp.park(TINY, paths, log=lambda m: None)
+    assert changed == [paths.parked("baseline-s0", "eval.json")]
+    parked_eval = json.loads(changed[0].read_text())
+    assert parked_eval["fingerprint"] == full_eval["fingerprint"] and parked_eval["pieces_done"] > 0
+    assert cp.git_commit(tmp_path, changed, "parked")
+    shutil.rmtree(paths.runs / "eval")
+    assert f"baseline-s0            parked, {parked_eval['pieces_done']} pieces done" in cp.status_table(TINY, paths)
+    logs: list[str] = []
+    assert cp.run_evaluations(TINY, paths, commit=True, log=logs.append, max_units=1) == ["baseline-s0"]
+    assert any(f"resuming from the parked evaluation state ({parked_eval['pieces_done']} pieces" in line
+               for line in logs), logs
+    assert any(f"({parked_eval['pieces_done']} pieces done)" in line and "resuming evaluation from" in line
+               for line in logs), logs  # the evaluation took the pieces as done
+    again = json.loads(paths.eval_record("baseline-s0").read_text())
+    a, b = (cp.decompress_json(r["per_example_state_zlib_b64"]) for r in (again, full_eval))
+    ta, tb = a.pop("timings"), b.pop("timings")
+    assert a == b  # the same per-example outcomes, taken from the parked state, not recomputed:
+    assert ta == pytest.approx(tb, rel=1e-3)  # the first run's timings
+    assert not paths.parked("baseline-s0", "eval.json").exists()
+    assert "D\tdocs/results/tiny/in-progress/baseline-s0.eval.json" in git("show", "--name-status", "--format=",
+                                                                           "HEAD")
+
+    # a training unit cut off after its first pass, parked, resumed without runs/
+    unit = next(u for u in train_units(TINY) if u.id == "baseline-s0")
+    run = paths.run_dir(unit.id)
+    for q in (paths.train_record(unit.id), paths.checkpoint(unit.id), run / "ensemble.pt"):
+        q.unlink()
+    state = load_checkpoint(run / "checkpoint.pt")
+    state["progress"]["epoch"] = 1
+    state["history"] = json.dumps(json.loads(state["history"])[:1])
+    torch.save(state, run / "checkpoint.pt")
+    changed = cp.park(TINY, paths, log=lambda m: None)
+    assert sorted(q.name for q in changed) == ["baseline-s0.train.json", "baseline-s0.train.pt"]
+    assert (run / "checkpoint.pt").read_bytes() == paths.parked(unit.id, "train.pt").read_bytes()
+    meta = json.loads(paths.parked(unit.id, "train.json").read_text())
+    assert meta["progress"]["epoch"] == 1 and meta["declared_digest"] == unit.digest
+    assert cp.park(TINY, paths, log=lambda m: None) == []  # unchanged since: nothing new
+    assert cp.git_commit(tmp_path, changed, "parked")
+    shutil.rmtree(paths.runs)
+    assert "parked at 1/2 passes (resumes from in-progress/)" in cp.status_table(TINY, paths)
+    logs.clear()
+    assert cp.run_training(TINY, paths, commit=True, log=logs.append) == ["baseline-s0"]
+    assert any("resuming from the parked checkpoint (1/2 passes" in line for line in logs), logs
+    assert any("resuming at stage 1/1, epoch 2/2" in line for line in logs), logs
+    assert not paths.parked(unit.id, "train.pt").exists() and not paths.parked(unit.id, "train.json").exists()
+    status = git("show", "--name-status", "--format=", "HEAD")
+    assert "D\tdocs/results/tiny/in-progress/baseline-s0.train.pt" in status, status  # removed in the unit's commit
+    assert "M\tdocs/results/tiny/train/baseline-s0.json" in status  # the record written again
+    assert "in-progress" not in cp.status_table(TINY, paths)
+    # a parked checkpoint of another declaration is never resumed
+    (paths.results / "in-progress").mkdir(exist_ok=True)
+    shutil.copyfile(paths.checkpoint(unit.id), paths.parked(unit.id, "train.pt"))
+    paths.parked(unit.id, "train.json").write_text(json.dumps({**meta, "declared_digest": "other"}))
+    logs.clear()
+    assert not cp.unpark_train(unit, paths, tmp_path / "fresh", log=logs.append)
+    assert "ignoring" in logs[0] and not (tmp_path / "fresh" / "checkpoint.pt").exists()
+
+
 def test_dkd_table3_is_the_table_one_network_with_three_voters() -> None:
     from ensemble_core.ensemble import combine_rule
     from ensemble_core.methods import get_method
