@@ -21,8 +21,9 @@ BENCHMARKS = {
     "storm": "bench.storm",
     "fuzz": "bench.fuzz",
     "soak": "bench.soak",
+    "ddp-pool": "bench.ddp_pool",
 }
-OPT_IN = {"soak"}  # long (tens of minutes): run only when named
+OPT_IN = {"soak", "ddp-pool"}  # long (tens of minutes; ddp-pool starts two Rays): run only when named
 
 
 def main(argv: list[str] | None = None) -> int:

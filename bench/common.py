@@ -147,10 +147,11 @@ def embedded_postgres() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def private_ray(num_cpus: int = 2) -> Iterator[None]:
+def private_ray(num_cpus: int = 2, system_config: dict[str, Any] | None = None) -> Iterator[None]:
     """A local Ray of this process only (its own short temp dir under /tmp); shut down afterwards.
 
     Never connects to or stops another Ray instance (``ray.init`` without an address starts a new one).
+    ``system_config`` is passed as Ray's ``_system_config`` (raylet settings, e.g. its idle worker pool).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -161,7 +162,7 @@ def private_ray(num_cpus: int = 2) -> Iterator[None]:
         raise RuntimeError("Ray is already initialised in this process")
     tmp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")
     ray.init(num_cpus=num_cpus, _temp_dir=tmp, log_to_driver=False, configure_logging=False,
-             include_dashboard=False)
+             include_dashboard=False, **({"_system_config": system_config} if system_config else {}))
     try:
         yield
     finally:

@@ -106,3 +106,28 @@ def test_startup_table_orders_the_phases_and_joins_both_paths() -> None:
                     "worker_start", "data", "first_batch", "total"]
     assert [r["path"] for r in rows] == ["warm", "cold"]  # a row without a breakdown is left out
     assert rows[1]["worker_start"] == 6.0 and "worker_start" not in rows[0] and rows[0]["data"] == 0.0
+
+
+def test_every_registered_benchmark_resolves_to_a_function() -> None:
+    import importlib
+
+    from bench.__main__ import BENCHMARKS, OPT_IN
+
+    assert set(BENCHMARKS) >= OPT_IN
+    for name, target in BENCHMARKS.items():
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func or "run")), name
+
+
+def test_ddp_pool_reads_ray_process_titles_and_start_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import time
+
+    import bench.ddp_pool as dp
+
+    ps = ("  101     12 ray::IDLE\n  102      3 ray::RayTrainWorker.init_train_context\n"
+          "  103     40 /usr/bin/python -m pytest\n  104      0 ray::TrainController\n")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, ps, ""))
+    monkeypatch.setattr(time, "time", lambda: 1000.0)
+    assert dp.ray_processes() == {101: (988.0, "ray::IDLE"), 102: (997.0, "ray::RayTrainWorker.init_train_context"),
+                                  104: (1000.0, "ray::TrainController")}
