@@ -195,6 +195,9 @@ WHERE j.status = 'queued' AND d.id = ANY(j.depends_on) AND d.status IN ('failed'
 SQL_METRICS = """
 INSERT INTO job_metrics (job_id, name, step, value, attempt) VALUES (:job, :name, :step, :value, :attempt)
 ON CONFLICT (job_id, name, step) DO UPDATE SET value = EXCLUDED.value, attempt = EXCLUDED.attempt, at = EXCLUDED.at"""
+SQL_METRICS_KEEP = """
+INSERT INTO job_metrics (job_id, name, step, value, attempt) VALUES (:job, :name, :step, :value, :attempt)
+ON CONFLICT (job_id, name, step) DO NOTHING"""
 
 # A trial row is keyed by (parent tune job, trial key) in its own index (migration 0005), apart from the keys
 # of submissions: the upsert can only ever match a trial row of the same tune job (the WHERE says so too).
@@ -595,15 +598,23 @@ class Queue:
         return {"id": lease.job_id, "owner": lease.owner, "attempt": lease.attempt}
 
     # ------------------------------------------------------------------ metrics and logs
-    def record_metrics(self, job_id: uuid.UUID, step: int, metrics: Mapping[str, Any], attempt: int = 0) -> int:
-        """Store the finite numbers of ``metrics`` as points ``(name, step, value)``; a re-run step overwrites."""
+    def record_metrics(self, job_id: uuid.UUID, step: int, metrics: Mapping[str, Any], attempt: int = 0, *,
+                       overwrite: bool = True) -> int:
+        """Store the finite numbers of ``metrics`` as points ``(name, step, value)``; a re-run step overwrites
+        (with ``overwrite=False`` a point already stored is kept)."""
         rows = [{"job": job_id, "name": str(k), "step": int(step), "value": float(v), "attempt": attempt}
                 for k, v in metrics.items()
                 if isinstance(v, int | float) and not isinstance(v, bool) and abs(v) != float("inf") and v == v]
         if rows:
             with self.engine.begin() as c:
-                c.execute(text(SQL_METRICS), rows)
+                c.execute(text(SQL_METRICS if overwrite else SQL_METRICS_KEEP), rows)
         return len(rows)
+
+    def metric_steps(self, job_id: uuid.UUID) -> set[int]:
+        """The steps at which the job has at least one stored metric point."""
+        with self.engine.connect() as c:
+            return {int(r[0]) for r in c.execute(text("SELECT DISTINCT step FROM job_metrics WHERE job_id = :id"),
+                                                 {"id": job_id})}
 
     def metrics(self, job_id: uuid.UUID, name: str | None = None) -> list[dict[str, Any]]:
         cond, params = "job_id = :id", {"id": job_id}

@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -115,6 +115,30 @@ class JobRun:
         except Exception as e:
             log.warning("could not store the metrics of job %s: %s", self.job_id, e)
         self.write_tensorboard(step, metrics)
+
+    def backfill_epochs(self, history: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Store the metrics of the finished run's epochs that have no stored point: an epoch that an earlier
+        attempt checkpointed but died before reporting is never trained again on resume, so only the run's
+        history (every epoch, kept in the checkpoint) still has it. Points already stored are kept. Returns
+        the steps stored."""
+        try:
+            have = self.queue.metric_steps(self.lease.job_id)
+            done = []
+            for metrics in history:
+                step = int(metrics.get("global_epoch") or metrics.get("epoch") or 0)
+                if step in have:
+                    continue
+                values = {k: v for k, v in metrics.items() if k not in EPOCH_COORDINATES}
+                if self.queue.record_metrics(self.lease.job_id, step, values, self.lease.attempt, overwrite=False):
+                    done.append(step)
+                    self.write_tensorboard(step, metrics)
+        except Exception as e:  # the result matters more than a metric point
+            log.warning("could not store the history's metrics of job %s: %s", self.job_id, e)
+            return []
+        if done:
+            self.log(f"stored the metrics of epoch(s) {', '.join(map(str, done))} from the run's history (checkpointed "
+                     "by an earlier attempt that ended before reporting them)")
+        return done
 
     def write_tensorboard(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Append an epoch's numbers to this attempt's TensorBoard event file (artifact ``tensorboard/``)."""
@@ -418,6 +442,8 @@ class Worker:
         if run.lease_lost:
             run.log("finished, but the lease was lost meanwhile: the result is left to the new attempt")
             return "lease_lost"
+        if lease.kind == "train" and isinstance(result, Mapping):
+            run.backfill_epochs((result.get("results") or {}).get("history") or [])
         if not self._final("succeed", lambda: self.queue.succeed(lease, result)):
             return "lease_lost"
         run.log("succeeded")

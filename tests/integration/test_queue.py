@@ -408,3 +408,33 @@ def test_a_job_with_an_unknown_kind_for_this_worker_is_left_queued(engine: Engin
     w = _worker(pg_url, tmp_path, {"train": lambda run: {}})
     assert w.run_once() is False
     assert q.get(job["id"])["status"] == "queued"
+
+
+def test_a_finished_train_job_stores_the_epochs_an_earlier_attempt_checkpointed_but_never_reported(
+        engine: Engine, pg_url: str, tmp_path: Path) -> None:
+    """Epoch 1 was checkpointed by an attempt that died before reporting it: the resumed attempt starts at epoch 2,
+    and epoch 1's metrics exist only in the run's history; they are stored at the end, and reported points are
+    kept as they are."""
+    history = [{"global_epoch": e, "total_epochs": 3, "stage": 0, "train_loss": 1.0 / e} for e in (1, 2, 3)]
+
+    def resumed(run: JobRun) -> dict[str, Any]:
+        for row in history[1:]:
+            run.on_epoch({**row, "train_loss": row["train_loss"] + 10})  # what was reported live
+        return {"metrics": {}, "results": {"history": history}}
+
+    q = Queue(engine)
+    job, _ = q.submit("train", {"a": 2})
+    w = _worker(pg_url, tmp_path, {"train": resumed})
+    assert w.run_once()
+    assert q.get(job["id"])["status"] == "succeeded"
+    assert [(m["step"], m["value"]) for m in q.metrics(job["id"], "train_loss")] == [
+        (1, 1.0), (2, 10.5), (3, 10 + 1 / 3)]  # epoch 1 from the history; epochs 2 and 3 as reported
+    assert any(x["line"].startswith("stored the metrics of epoch(s) 1 from the run's history")
+               for x in q.logs(job["id"]))
+    # nothing missing: nothing stored, no log line
+    job2, _ = q.submit("train", {"a": 3})
+    w2 = _worker(pg_url, tmp_path, {"train": lambda run: [run.on_epoch(r) for r in history] and
+                                    {"metrics": {}, "results": {"history": history}}})
+    assert w2.run_once()
+    assert [m["value"] for m in q.metrics(job2["id"], "train_loss")] == [1.0, 0.5, 1 / 3]
+    assert not any("from the run's history" in x["line"] for x in q.logs(job2["id"]))
