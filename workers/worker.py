@@ -118,26 +118,23 @@ class JobRun:
 
     def backfill_epochs(self, history: Sequence[Mapping[str, Any]]) -> list[int]:
         """Store the metrics of the finished run's epochs that have no stored point: an epoch that an earlier
-        attempt checkpointed but died before reporting is never trained again on resume, so only the run's
-        history (every epoch, kept in the checkpoint) still has it. Points already stored are kept. Returns
-        the steps stored."""
-        try:
-            have = self.queue.metric_steps(self.lease.job_id)
-            done = []
-            for metrics in history:
-                step = int(metrics.get("global_epoch") or metrics.get("epoch") or 0)
-                if step in have:
-                    continue
-                values = {k: v for k, v in metrics.items() if k not in EPOCH_COORDINATES}
-                if self.queue.record_metrics(self.lease.job_id, step, values, self.lease.attempt, overwrite=False):
-                    done.append(step)
-                    self.write_tensorboard(step, metrics)
-        except Exception as e:  # the result matters more than a metric point
-            log.warning("could not store the history's metrics of job %s: %s", self.job_id, e)
-            return []
+        attempt checkpointed but died before reporting is never trained again on resume, and an epoch reported
+        during a database outage was not stored, so only the run's history (every epoch, kept in the checkpoint)
+        still has them. Points already stored are kept. Returns the steps stored; database errors propagate
+        (the caller retries)."""
+        have = self.queue.metric_steps(self.lease.job_id)
+        done = []
+        for metrics in history:
+            step = int(metrics.get("global_epoch") or metrics.get("epoch") or 0)
+            if step in have:
+                continue
+            values = {k: v for k, v in metrics.items() if k not in EPOCH_COORDINATES}
+            if self.queue.record_metrics(self.lease.job_id, step, values, self.lease.attempt, overwrite=False):
+                done.append(step)
+                self.write_tensorboard(step, metrics)
         if done:
-            self.log(f"stored the metrics of epoch(s) {', '.join(map(str, done))} from the run's history (checkpointed "
-                     "by an earlier attempt that ended before reporting them)")
+            self.log(f"stored the metrics of epoch(s) {', '.join(map(str, done))} from the run's history (not "
+                     "reported while it ran: an earlier attempt's checkpoint, or a database outage)")
         return done
 
     def write_tensorboard(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -443,7 +440,11 @@ class Worker:
             run.log("finished, but the lease was lost meanwhile: the result is left to the new attempt")
             return "lease_lost"
         if lease.kind == "train" and isinstance(result, Mapping):
-            run.backfill_epochs((result.get("results") or {}).get("history") or [])
+            history = (result.get("results") or {}).get("history") or []
+            try:  # before the job reads succeeded, so that its metrics are complete by then
+                self._final("history metrics", lambda: run.backfill_epochs(history))
+            except Exception as e:  # the result matters more than a metric point
+                log.warning("could not store the history's metrics of job %s: %s", run.job_id, e)
         if not self._final("succeed", lambda: self.queue.succeed(lease, result)):
             return "lease_lost"
         run.log("succeeded")

@@ -185,6 +185,8 @@ def test_postgres_restarted_while_the_worker_is_idle_and_while_a_job_runs(
         assert [h["global_epoch"] for h in history] == [1, 2, 3, 4], history
         lines = epoch_lines(client, jid)
         assert len(lines) == len(set(lines))  # no epoch logged twice (lines of the outage are missing)
+        items = client.get(f"/v1/jobs/{jid}/metrics", params={"name": "epoch_time_s"}).json()["items"]
+        assert sorted(int(p["step"]) for p in items) == [1, 2, 3, 4]  # the outage's from the history, at the end
         tally.redone("postgres_restart_job_running", 0)
         tally.account(make_engine(settings.database_url or ""), [jid])
     tally.tests["postgres_restarts"] = round(time.monotonic() - t_start, 1)
