@@ -1339,7 +1339,10 @@ def status_table(c: Campaign, paths: Paths) -> str:
         lines.append(f"  train {u.id:<22} {u.configuration:<16} est. cost {estimate_cost(u.spec) / 1e3:8.0f}k  {state}")
     for e in eval_units(c):
         parked = paths.parked(e.id, "eval.json")
+        running = _eval_state_dirs(paths, e.id)
         state = "recorded" if paths.eval_record(e.id).exists() else (
+            f"partial (resumes from runs/: {len(json.loads(running[0][1].read_text()).get('done', []))} pieces done)"
+            if running else
             f"parked, {json.loads(parked.read_text())['pieces_done']} pieces done" if parked.exists() else "to do")
         if paths.eval_record(e.id).exists() and parked.exists():
             state += f", a newer evaluation parked ({json.loads(parked.read_text())['pieces_done']} pieces done)"

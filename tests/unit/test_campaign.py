@@ -308,6 +308,8 @@ def test_parked_work_in_progress_resumes_on_a_fresh_clone(tmp_path: Path, monkey
     parked_eval = json.loads(changed[0].read_text())
     assert parked_eval["fingerprint"] == full_eval["fingerprint"] and parked_eval["pieces_done"] > 0
     assert cp.git_commit(tmp_path, changed, "parked")
+    assert f"baseline-s0            partial (resumes from runs/: {parked_eval['pieces_done']} pieces done)" in \
+        cp.status_table(TINY, paths)
     shutil.rmtree(paths.runs / "eval")
     assert f"baseline-s0            parked, {parked_eval['pieces_done']} pieces done" in cp.status_table(TINY, paths)
     logs: list[str] = []
