@@ -950,6 +950,18 @@ class CostClock:
         return self.seconds / self.cost if self.cost else self.prior
 
 
+def calibrated_clock(paths: Paths, units: Sequence[TrainUnit], device: str = "cpu") -> CostClock:
+    """The ETA clock calibrated on the recorded units trained on the same kind of device (CPU or CUDA)."""
+    clock = CostClock()
+    on_device = device.startswith("cuda")
+    for u in units:
+        if train_done(paths, u):
+            rec = json.loads(paths.train_record(u.id).read_text())
+            if str(rec.get("machine", {}).get("device", "cpu")).startswith("cuda") == on_device:
+                clock.add(estimate_cost(u.spec), robust_wall_s(rec))
+    return clock
+
+
 def run_training(c: Campaign, paths: Paths, *, device: str = "cpu", commit: bool = False,
                  units: list[TrainUnit] | None = None, max_units: int | None = None,
                  log: Callable[[str], None] = print,
@@ -958,13 +970,7 @@ def run_training(c: Campaign, paths: Paths, *, device: str = "cpu", commit: bool
     called with each unit once it is recorded. Returns the ids trained in this call."""
     units = units if units is not None else train_units(c)
     costs = {u.id: estimate_cost(u.spec) for u in units}
-    clock = CostClock()
-    on_device = device.startswith("cuda")
-    for u in units:  # calibrate on records made on the same kind of device
-        if train_done(paths, u):
-            rec = json.loads(paths.train_record(u.id).read_text())
-            if str(rec.get("machine", {}).get("device", "cpu")).startswith("cuda") == on_device:
-                clock.add(costs[u.id], robust_wall_s(rec))
+    clock = calibrated_clock(paths, units, device)
     todo = [u for u in units if not train_done(paths, u)]
     log(f"[campaign {c.name}] {len(units) - len(todo)}/{len(units)} training units recorded, {len(todo)} to train; "
         f"estimated {_fmt_s(sum(costs[u.id] for u in todo) * clock.rate)} at {1000 * clock.rate * 3:.0f} ms per "
@@ -1076,6 +1082,14 @@ def render_report(c: Campaign, paths: Paths) -> str:
         "record's `train_time_s` is the plain wall sum, pauses included. Those epochs also ran with the default "
         "convolution weight layout, 1.2–1.5× slower per LeNet-5 pass on this CPU than the channels-last layout "
         "used since (`python -m bench conv_layout`), so † times do not compare with the others."]
+    todo = [u for u in units if not train_done(paths, u)]
+    if todo and n_done:
+        left_s = sum(estimate_cost(u.spec) for u in todo) * calibrated_clock(paths, units).rate
+        at = lines.index("## Black-box transfer") - 1
+        n = len(todo)
+        lines[at:at] = ["", f"{n} training unit{'s' * (n != 1)} remain{'s' * (n == 1)}: about {_fmt_s(left_s)} of "
+                        "one CPU core at the recorded units' pace (their epochs' median wall time per unit of declared "
+                        "cost; `--status` lists the costs), evaluation not included."]
     if not evals:
         lines += ["No evaluation unit is recorded yet (`--phase eval`). The paper's figures the cells will be set "
                   f"against ({paper.get('table', '–')}; {paper.get('metric', '')}):", ""]

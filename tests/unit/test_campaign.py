@@ -122,8 +122,15 @@ def test_tiny_campaign_trains_records_skips_and_resumes(tiny_paths: Paths) -> No
     # a second run trains nothing
     assert cp.run_training(TINY, tiny_paths, log=lambda m: None) == []
     # a unit cut off after its first pass resumes from runs/ instead of restarting
+    assert "remain" not in cp.render_report(TINY, tiny_paths)
     unit = next(u for u in train_units(TINY) if u.id == "baseline-s0")
     tiny_paths.train_record(unit.id).unlink()
+    # the page says what is left, at the pace of the recorded units: their median-epoch time per unit of cost
+    rate = sum(cp.robust_wall_s(json.loads(tiny_paths.train_record(u.id).read_text())) for u in train_units(TINY)
+               if u.id != unit.id) / sum(cp.estimate_cost(u.spec) for u in train_units(TINY) if u.id != unit.id)
+    assert cp.calibrated_clock(tiny_paths, train_units(TINY)).rate == pytest.approx(rate)
+    left = cp._fmt_s(cp.estimate_cost(unit.spec) * rate)
+    assert f"1 training unit remains: about {left} of one CPU core" in cp.render_report(TINY, tiny_paths)
     run = tiny_paths.run_dir(unit.id)
     (run / "ensemble.pt").unlink()
     state = load_checkpoint(run / "checkpoint.pt")
