@@ -26,7 +26,9 @@ within 3 s).
 
 The DDP rows run first: the same spec with ``workers: 2`` on the cold path (Ray Train, gloo), twice, the
 first with an empty data-set cache (every rank decodes MNIST, as before ``ensemble_core/datacache.py``), the
-second with the cache the first one filled (issue "Warm start": DDP start-up at most half of the path before).
+second with the cache the first one filled; then the same job twice on a warm DDP group (``RE_WARM_DDP=1``,
+workers/warm_ddp.py): first on a new group, then on the same group, reused (issue "Warm start": DDP start-up at
+most half of the path before).
 
 Every train row also gets its start-up breakdown from the job's results (``startup_s``, workers/startup.py):
 seconds from the job worker's call to the first step, per phase.
@@ -109,7 +111,7 @@ def bare(spec: dict[str, Any]) -> dict[str, Any]:
             **startup_figures(m["first_epoch_wall"] - t0, m["first_epoch_steps_s"], total)}
 
 
-def service(spec: dict[str, Any], url: str, data_dir: Path, *, warm: bool = False,
+def service(spec: dict[str, Any], url: str, data_dir: Path, *, warm: bool = False, warm_ddp: bool = False,
             jobs: list[tuple[str, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """POST the jobs to the real API with a real worker; poll until epoch 1 is visible and until each ends.
 
@@ -127,8 +129,9 @@ def service(spec: dict[str, Any], url: str, data_dir: Path, *, warm: bool = Fals
     settings = Settings(data_dir=data_dir, database_url=url)
     app = create_app(settings, warm=False)
     worker = Worker(settings)
-    old_env = os.environ.get("RE_WARM_TRAIN")
+    old_env, old_ddp = os.environ.get("RE_WARM_TRAIN"), os.environ.get("RE_WARM_DDP")
     os.environ["RE_WARM_TRAIN"] = "1" if warm else "0"
+    os.environ["RE_WARM_DDP"] = "1" if warm_ddp else "0"
     thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
     thread.start()
     if warm:
@@ -154,10 +157,11 @@ def service(spec: dict[str, Any], url: str, data_dir: Path, *, warm: bool = Fals
         worker.stop()
         thread.join(60)
         release_idle()
-        if old_env is None:
-            os.environ.pop("RE_WARM_TRAIN", None)
-        else:
-            os.environ["RE_WARM_TRAIN"] = old_env
+        for name, old in (("RE_WARM_TRAIN", old_env), ("RE_WARM_DDP", old_ddp)):
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
     return rows
 
 
@@ -228,6 +232,8 @@ def run(spec: dict[str, Any] | None = None) -> dict[str, Any]:
         with private_ray(num_cpus=2), embedded_postgres() as url:
             ddp_rows = service(spec, url, data_dir, jobs=[
                 ("DDP 2 workers, data cache empty", ddp_spec), ("DDP 2 workers, data cache filled", ddp_spec)])
+            group_rows = service(spec, url, data_dir, warm_ddp=True, jobs=[
+                ("DDP 2 workers, warm group, new", ddp_spec), ("DDP 2 workers, warm group, reused", ddp_spec)])
             svc, = service(spec, url, data_dir)
             bare_row = bare(spec)
             warm_rows = service(spec, url, data_dir, warm=True)
@@ -244,7 +250,7 @@ def run(spec: dict[str, Any] | None = None) -> dict[str, Any]:
                  load0))
     eval_rows = [r for r in warm_rows if "first_attacked_batch_s" in r]
     warm_rows = [r for r in warm_rows if "first_attacked_batch_s" not in r]
-    rows = [svc, bare_row, *warm_rows, *ddp_rows]
+    rows = [svc, bare_row, *warm_rows, *ddp_rows, *group_rows]
     print(table(rows, ["path", "first_epoch_seen_s", "first_epoch_steps_s", "to_first_step_s", "total_s",
                        "startup_share"]))
     breakdown_rows, columns = startup_table(rows)
@@ -253,17 +259,23 @@ def run(spec: dict[str, Any] | None = None) -> dict[str, Any]:
     print(table(eval_rows, ["path", "first_attacked_batch_s", "batch_attack_s", "before_first_batch_s", "total_s"]))
     warm_ratio = warm_rows[1]["to_first_step_s"] / svc["to_first_step_s"]
     ddp_ratio = ddp_rows[1]["to_first_step_s"] / ddp_rows[0]["to_first_step_s"]
+    group_ratio = group_rows[1]["to_first_step_s"] / ddp_rows[0]["to_first_step_s"]
+    group_vs_filled = group_rows[1]["to_first_step_s"] / ddp_rows[1]["to_first_step_s"]
     print(f"time to first step, service / bare: {ratio:.3f}; start-up share of the small job: service "
           f"{svc['startup_share']:.1%}, bare {bare_row['startup_share']:.1%}")
     print(f"time to first step, warm (reused actor) / cold service: {warm_ratio:.3f} "
           f"({warm_rows[1]['to_first_step_s']:.1f} s; target: within 5 s)")
     print(f"DDP time to first step, data cache filled / empty: {ddp_ratio:.3f} ({ddp_rows[1]['to_first_step_s']:.1f} "
-          f"against {ddp_rows[0]['to_first_step_s']:.1f} s; target: at most 0.5)")
+          f"against {ddp_rows[0]['to_first_step_s']:.1f} s)")
+    print(f"DDP time to first step, warm group (reused; RE_WARM_DDP=1) / cold path with the data cache empty: "
+          f"{group_ratio:.3f} ({group_rows[1]['to_first_step_s']:.1f} against {ddp_rows[0]['to_first_step_s']:.1f} s; "
+          f"target: at most 0.5); / cold path with the cache filled: {group_vs_filled:.3f}")
     print(f"evaluate job, POST -> first attacked batch: {eval_rows[1]['first_attacked_batch_s']:.1f} s on a worker "
           f"that has run one before ({eval_rows[0]['first_attacked_batch_s']:.1f} s for its first); target: within "
           f"3 s")
     result = {"spec": spec, "rows": rows, "evaluate_spec": EVAL_SPEC, "evaluate_rows": eval_rows,
               "ratio_service_over_bare": ratio, "ratio_warm_over_cold": warm_ratio,
-              "ratio_ddp_cache_filled_over_empty": ddp_ratio}
+              "ratio_ddp_cache_filled_over_empty": ddp_ratio, "ratio_ddp_warm_group_over_cold": group_ratio,
+              "ratio_ddp_warm_group_over_cold_cache_filled": group_vs_filled}
     save("service-overhead", result, load0)
     return result

@@ -78,12 +78,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """``robust-ensembles worker``: lease jobs and run them with Ray (its options: :func:`service.cli.build_parser`)."""
     from service import migrate
     from workers.warm import idle_seconds, warm_enabled
+    from workers.warm_ddp import warm_ddp_enabled
     from workers.worker import Worker, connect_ray
 
     setup_logging(args.verbose)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:  # the warm path's settings (workers/warm.py), read again per job: a typo stops the worker here
         warm_enabled()
+        warm_ddp_enabled()
         idle_seconds()
     except ValueError as e:
         log.error("%s", e)

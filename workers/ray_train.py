@@ -22,7 +22,9 @@ Run state, resume and failures:
   run up (before the first training step) is reported through the channel and ends the run at once.
 
 A one-worker job runs instead on a warm actor kept between jobs (unless ``RE_WARM_TRAIN=0``)
-(:mod:`workers.warm`), under the same contract; either path resumes from the other's checkpoints.
+(:mod:`workers.warm`), and with ``RE_WARM_DDP=1`` a multi-worker job runs on a warm DDP group: one long-lived
+``TorchTrainer`` run that serves job after job (:mod:`workers.warm_ddp`). Both keep the same contract; every
+path resumes from the others' checkpoints.
 """
 
 from __future__ import annotations
@@ -300,6 +302,13 @@ def run_train_job(
                                should_stop=should_stop, log=log, max_failures=max_failures,
                                should_preempt=should_preempt, stamps=stamps)
         return _finish(state_path, out_dir, log, t0, stamps)
+    from workers.warm_ddp import warm_ddp_enabled
+
+    if ts.workers > 1 and warm_ddp_enabled():
+        state_path = _run_warm_group(ts, job_id=job_id, storage_path=storage_path, on_epoch=on_epoch,
+                                     should_stop=should_stop, log=log, max_failures=max_failures,
+                                     should_preempt=should_preempt, stamps=stamps)
+        return _finish(state_path, out_dir, log, t0, stamps)
     release_idle()  # an idle warm actor holds a core this run may need
     cpus = cpus_per_worker()
     channel = JobChannel.remote()
@@ -404,7 +413,9 @@ def _run_warm(ts: TrainSpec, *, job_id: str, storage_path: str, on_epoch: Callab
     import uuid
 
     from workers.warm import POOL, _kill
+    from workers.warm_ddp import GROUPS
 
+    GROUPS.release_idle()  # an idle warm DDP group holds the cores this actor may need
     cpus = cpus_per_worker()
     run_dir = str(Path(storage_path) / str(job_id))
     failures = 0
@@ -450,6 +461,61 @@ def _run_warm(ts: TrainSpec, *, job_id: str, storage_path: str, on_epoch: Callab
         if not finished:
             raise RuntimeError(f"the warm run ended without its final state: {result}")
         return Path(result["state_path"])
+
+
+def _run_warm_group(ts: TrainSpec, *, job_id: str, storage_path: str, on_epoch: Callable[[dict[str, Any]], None],
+                    should_stop: Callable[[], bool], log: Callable[[str], None], max_failures: int,
+                    should_preempt: Callable[[], bool] | None, stamps: dict[str, float] | None = None) -> Path:
+    """Run a multi-worker job on a warm DDP group (workers/warm_ddp.py); the path of its final state.
+
+    Raises what the cold path raises: :class:`JobCancelled`, :class:`JobPreempted`, :class:`UserError`, and
+    :class:`InfrastructureError` when the group's run ended under the job (its worker restarts spent, or a Ray
+    failure).
+    """
+    import uuid
+
+    from workers.warm import idle_seconds
+    from workers.warm_ddp import GROUPS, GroupDied
+
+    cpus = cpus_per_worker()
+    t_acquire = time.monotonic()
+    group, reused = GROUPS.acquire(ts, cpus, torch_threads_for(cpus), storage_path, max_failures)
+    log(f"starting on a warm DDP group of {ts.workers} workers ({'reused' if reused else 'new'}, "
+        f"{time.monotonic() - t_acquire:.2f} s to acquire), run {job_id}")
+    key = f"{job_id}-{uuid.uuid4().hex[:8]}"
+    job = {"key": key, "spec": ts.resolved(), "run_dir": str(Path(storage_path) / str(job_id)),
+           "threads": torch_threads_for(cpus)}
+    preempt: dict[str, Any] = {"at": None}
+    handle = _event_handler(on_epoch, log, should_preempt, preempt, stamps)
+    if stamps is not None:
+        stamps.setdefault("fit", time.time())
+    result, error, dstate = drive(
+        lambda: group.run(job), drain=lambda: ray.get(group.dispatcher.drain.remote(key), timeout=30),
+        handle=handle, should_stop=lambda: preempt["at"] is not None or should_stop(),
+        request_stop=lambda r: ray.get(group.dispatcher.request_stop.remote(key, r), timeout=30),
+        force_stop=lambda: GROUPS.discard(group), log=log, grace_s=STOP_GRACE_S)
+    if error is not None or dstate.forced:
+        GROUPS.discard(group)
+    elif idle_seconds() == 0:
+        GROUPS.release_idle()  # no idle group kept (as no idle warm actor is)
+    if result is not None and result.get("user_error"):
+        raise UserError(result["user_error"])
+    if dstate.stop_reason == "cancel":
+        raise JobCancelled("cancelled on the warm DDP group")
+    finished = result is not None and bool(result.get("finished"))
+    if dstate.stop_reason == "preempt" and not finished:
+        raise JobPreempted(f"stopped after the checkpoint of epoch {preempt['at']}")
+    if isinstance(error, GroupDied):
+        cause = group.error
+        if cause is None or isinstance(cause, ray.train.ControllerError | ray.exceptions.RayError) or \
+                _worker_failure_is_infrastructure(cause):
+            raise InfrastructureError(f"the warm DDP group failed: {error}") from error
+        raise RuntimeError(f"training failed on the warm DDP group: {cause!r}") from error
+    if error is not None:
+        raise error
+    if not finished:
+        raise RuntimeError(f"the warm group's run of the job ended without its final state: {result}")
+    return Path(result["state_path"])
 
 
 __all__ = ["STATE_FILE", "run_train_job", "scaling_config_for", "torch_config_for", "validate_train_spec"]

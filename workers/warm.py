@@ -39,6 +39,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -288,11 +289,19 @@ def _kill(actor: Any) -> None:
 
 
 POOL = WarmPool()
+_OTHER_IDLE: list[Callable[[], int]] = []  # other warm pools of this process (workers/warm_ddp.py's groups)
+
+
+def register_idle_release(release: Callable[[], int]) -> None:
+    """Have :func:`release_idle` also free another warm pool's idle resources (its ``release`` returns how many
+    it freed)."""
+    _OTHER_IDLE.append(release)
 
 
 def release_idle() -> int:
-    """Kill this process's idle warm actors before a run that needs Ray's resources (see the module doc)."""
-    return POOL.release_idle()
+    """Kill this process's idle warm actors (and close its idle warm DDP groups) before a run that needs Ray's
+    resources (see the module doc)."""
+    return POOL.release_idle() + sum(release() for release in _OTHER_IDLE)
 
 
 __all__ = ["POOL", "WarmPool", "WarmTrainer", "newest_state", "release_idle", "warm_enabled"]

@@ -124,6 +124,11 @@ def test_the_worker_refuses_a_mistyped_warm_setting_before_touching_the_database
     assert args.func(args) == 2
     assert "RE_WARM_TRAIN must be one of" in caplog.text and "'maybe'" in caplog.text
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
+    monkeypatch.delenv("RE_WARM_TRAIN")
+    monkeypatch.setenv("RE_WARM_DDP", "sure")
+    assert args.func(args) == 2
+    assert "RE_WARM_DDP must be one of" in caplog.text and "'sure'" in caplog.text
+    assert not any(tmp_path.iterdir())
 
 
 def test_json_for_jsonb_columns_drops_nan_and_converts_scalars() -> None:

@@ -60,3 +60,49 @@ def test_idle_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("RE_WARM_IDLE_SECONDS", bad)
         with pytest.raises(ValueError, match="RE_WARM_IDLE_SECONDS"):
             idle_seconds()
+
+
+@pytest.mark.parametrize(("raw", "on"), [(None, False), ("", False), ("0", False), (" Off ", False),
+                                         ("1", True), ("true", True), (" ON ", True), ("yes", True)])
+def test_warm_ddp_is_opt_in(monkeypatch: pytest.MonkeyPatch, raw: str | None, on: bool) -> None:
+    from workers.warm_ddp import warm_ddp_enabled
+
+    if raw is None:
+        monkeypatch.delenv("RE_WARM_DDP", raising=False)
+    else:
+        monkeypatch.setenv("RE_WARM_DDP", raw)
+    assert warm_ddp_enabled() is on
+    monkeypatch.setenv("RE_WARM_DDP", "of")
+    with pytest.raises(ValueError, match="RE_WARM_DDP must be one of .*'of'"):
+        warm_ddp_enabled()
+
+
+def test_the_group_dispatcher_hands_out_one_job_at_a_time_and_again_after_a_restart() -> None:
+    """The dispatcher's logic, without Ray (``GroupDispatcher`` is this class as an actor)."""
+    import threading
+
+    from workers.warm_ddp import Dispatcher
+
+    d = Dispatcher()
+    assert d.next_job(0.05) is None  # idle: the group closes ...
+    assert d.submit({"key": "late"}) is False  # ... and takes no job after that
+
+    d = Dispatcher()
+    assert d.submit({"key": "a", "spec": 1}) and d.submit({"key": "b", "spec": 2})
+    assert d.is_idle() is False
+    a = d.next_job(1.0)
+    assert a == {"key": "a", "spec": 1, "job_number": 1}
+    assert d.next_job(1.0) == a  # handed out again until finished (Ray Train restarted the ranks)
+    d.push("a", "epoch", {"epoch": 1})
+    assert d.drain("a") == [("epoch", {"epoch": 1})] and d.drain("a") == []
+    d.request_stop("a", "cancel")
+    assert d.stop_reason("a") == "cancel" and d.stop_reason("b") is None
+    assert d.wait("a", 0.01) is None
+    threading.Timer(0.05, d.finish, args=("a", {"finished": True})).start()
+    assert d.wait("a", 5.0) == {"finished": True}  # woken by finish
+    assert d.stop_reason("a") is None
+    assert d.next_job(1.0) == {"key": "b", "spec": 2, "job_number": 2}
+    d.finish("b", {"stopped": True})
+    assert d.is_idle() is True
+    d.close()
+    assert d.next_job(5.0) is None and d.submit({"key": "c"}) is False  # closed: at once
