@@ -243,12 +243,14 @@ def _run_job(job: dict[str, Any], dispatcher: Any, rank: int, world: int, device
             _write_state(state, warm_dir / f"epoch-{epoch:05d}.pt")
             for old in sorted(warm_dir.glob("epoch-*.pt"))[:-KEEP_STATES]:
                 old.unlink(missing_ok=True)
-        dispatcher.push.remote(key, "epoch", metrics)  # after the write: an epoch the caller sees is on disk
+        # after the write: an epoch the caller sees is on disk; waited for, so that it reaches the dispatcher
+        # before the job's result does (a threaded actor does not keep the order of calls)
+        ray.get(dispatcher.push.remote(key, "epoch", metrics))
 
     def on_phase(name: str) -> None:
         stamps[name] = time.time()
         if name == "first_step" and rank == 0:
-            dispatcher.push.remote(key, "startup", dict(stamps))
+            ray.get(dispatcher.push.remote(key, "startup", dict(stamps)))
 
     hooks = TrainHooks(wrap=wrap, on_epoch_end=on_epoch_end, should_stop=stop_requested, log=log,
                        on_phase=on_phase)
