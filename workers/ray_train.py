@@ -479,7 +479,8 @@ def _run_warm_group(ts: TrainSpec, *, job_id: str, storage_path: str, on_epoch: 
 
     cpus = cpus_per_worker()
     t_acquire = time.monotonic()
-    group, reused = GROUPS.acquire(ts, cpus, torch_threads_for(cpus), storage_path, max_failures)
+    group, reused = GROUPS.acquire(ts, cpus, torch_threads_for(cpus), storage_path, max_failures=max_failures,
+                                   scaling_config=scaling_config_for(ts, cpus), torch_config=torch_config_for(ts))
     log(f"starting on a warm DDP group of {ts.workers} workers ({'reused' if reused else 'new'}, "
         f"{time.monotonic() - t_acquire:.2f} s to acquire), run {job_id}")
     key = f"{job_id}-{uuid.uuid4().hex[:8]}"

@@ -289,11 +289,10 @@ class WarmGroup:
     """One long-lived ``TorchTrainer`` run of ``workers`` ranks and its dispatcher, driven from a thread of the
     job worker's process."""
 
-    def __init__(self, spec: Any, cpus: float, threads: int, storage_path: str, max_failures: int) -> None:
+    def __init__(self, spec: Any, cpus: float, threads: int, storage_path: str, max_failures: int,
+                 scaling_config: Any, torch_config: Any) -> None:
         from ray.train import FailureConfig, RunConfig
         from ray.train.torch import TorchTrainer
-
-        from workers.ray_train import scaling_config_for, torch_config_for
 
         self.shape = group_shape(spec, cpus)
         self.dispatcher = GroupDispatcher.remote()
@@ -304,7 +303,7 @@ class WarmGroup:
             # closes the group after each job instead: workers/ray_train.py)
             train_loop_config={"dispatcher": self.dispatcher, "threads": threads,
                                "idle_s": max(idle_seconds(), 10.0)},
-            scaling_config=scaling_config_for(spec, cpus), torch_config=torch_config_for(spec),
+            scaling_config=scaling_config, torch_config=torch_config,
             run_config=RunConfig(name=self.name, storage_path=str(Path(storage_path) / "warm-groups"),
                                  failure_config=FailureConfig(max_failures=max_failures)))
         self.error: BaseException | None = None
@@ -365,8 +364,8 @@ class GroupPool:
         self._lock = threading.Lock()
         self._groups: dict[tuple[int, float, bool], WarmGroup] = {}
 
-    def acquire(self, spec: Any, cpus: float, threads: int, storage_path: str,
-                max_failures: int) -> tuple[WarmGroup, bool]:
+    def acquire(self, spec: Any, cpus: float, threads: int, storage_path: str, *, max_failures: int,
+                scaling_config: Any, torch_config: Any) -> tuple[WarmGroup, bool]:
         """The live group of this shape, else a new one (other idle groups are closed first: their cores)."""
         shape = group_shape(spec, cpus)
         with self._lock:
@@ -376,7 +375,7 @@ class GroupPool:
             self._groups.pop(shape, None)
         self.release_idle()
         POOL.release_idle()  # idle one-worker warm actors hold cores too
-        group = WarmGroup(spec, cpus, threads, storage_path, max_failures)
+        group = WarmGroup(spec, cpus, threads, storage_path, max_failures, scaling_config, torch_config)
         with self._lock:
             self._groups[shape] = group
         return group, False
