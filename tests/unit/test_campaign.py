@@ -129,6 +129,19 @@ def test_tiny_campaign_trains_records_skips_and_resumes(tiny_paths: Paths) -> No
     rate = sum(cp.robust_wall_s(json.loads(tiny_paths.train_record(u.id).read_text())) for u in train_units(TINY)
                if u.id != unit.id) / sum(cp.estimate_cost(u.spec) for u in train_units(TINY) if u.id != unit.id)
     assert cp.calibrated_clock(tiny_paths, train_units(TINY)).rate == pytest.approx(rate)
+    # a record without CPU time (trained by older code, slower) is left out while others kept theirs
+    old = tiny_paths.train_record("gal-s1")
+    kept = old.read_text()
+    rec_old = json.loads(kept)
+    rec_old["train_cpu_s"] = None
+    for h in rec_old["history"]:
+        h["epoch_time_s"] *= 100
+    old.write_text(json.dumps(rec_old))
+    others = [u for u in train_units(TINY) if u.id not in (unit.id, "gal-s1")]
+    rate_new = sum(cp.robust_wall_s(json.loads(tiny_paths.train_record(u.id).read_text())) for u in others) / \
+        sum(cp.estimate_cost(u.spec) for u in others)
+    assert cp.calibrated_clock(tiny_paths, train_units(TINY)).rate == pytest.approx(rate_new)
+    old.write_text(kept)
     left = cp._fmt_s(cp.estimate_cost(unit.spec) * rate)
     assert f"1 training unit remains: about {left} of one CPU core" in cp.render_report(TINY, tiny_paths)
     run = tiny_paths.run_dir(unit.id)
