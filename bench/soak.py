@@ -34,7 +34,9 @@ At the end, from ``job_events``, ``job_logs``, the artifacts and the answers, it
 
 Sizes (environment): ``RE_SOAK_WORKER_KILLS`` (default 20), ``RE_SOAK_RAY_KILLS`` (3), ``RE_SOAK_PG_RESTARTS``
 (3), ``RE_SOAK_API_KILLS`` (1), ``RE_SOAK_MINUTES`` (a bound on the chaos phase, default 60),
-``RE_SOAK_SEED`` (0), ``RE_SOAK_IN_FLIGHT`` (3), ``RE_SOAK_DRAIN_MINUTES`` (20). ``tests/reliability/test_soak.py``
+``RE_SOAK_SEED`` (0), ``RE_SOAK_IN_FLIGHT`` (3), ``RE_SOAK_DRAIN_MINUTES`` (20), ``RE_SOAK_DDP_SHARE`` (0: the
+share of train jobs sent with two Ray Train workers; with ``RE_WARM_DDP=1`` they run on warm DDP groups, and the
+Ray kill then hits a group's rank 0). ``tests/reliability/test_soak.py``
 runs it CI-sized (2 worker kills, 1 of each other), in a process of its own.
 """
 
@@ -70,6 +72,7 @@ FINAL = ("succeeded", "failed", "cancelled")
 EPOCH_LINE = re.compile(r"^stage (\d+) epoch (\d+) ")
 EPOCH_SECONDS = re.compile(r"\| ([0-9.]+)s(?: \||\s*$)")  # "stage 1 epoch 2 | loss 0.15 | ... | 4.1s"
 WARM_PID = re.compile(r"warm trainer on host .*, pid (\d+): job \d+ of this process")  # workers/warm.py
+GROUP_PID = re.compile(r"warm group rank 0 of \d+ on host .*, pid (\d+): job \d+ of this group")  # warm_ddp.py
 FAULTS = ("worker_kill", "ray_train_worker_kill", "postgres_restart", "api_kill")
 
 SERVER = r"""
@@ -98,6 +101,7 @@ class SoakConfig:
     in_flight: int = 3  # jobs kept queued or running while the chaos lasts
     lease_seconds: float = 6.0
     drain_minutes: float = 20.0
+    ddp_share: float = 0.0  # of the train jobs: sent with workers 2 (on a warm DDP group with RE_WARM_DDP=1)
 
     @classmethod
     def from_env(cls) -> SoakConfig:
@@ -106,7 +110,8 @@ class SoakConfig:
                    pg_restarts=int(e.get("RE_SOAK_PG_RESTARTS", 3)), api_kills=int(e.get("RE_SOAK_API_KILLS", 1)),
                    minutes=float(e.get("RE_SOAK_MINUTES", 60)), seed=int(e.get("RE_SOAK_SEED", 0)),
                    in_flight=int(e.get("RE_SOAK_IN_FLIGHT", 3)),
-                   drain_minutes=float(e.get("RE_SOAK_DRAIN_MINUTES", 20)))
+                   drain_minutes=float(e.get("RE_SOAK_DRAIN_MINUTES", 20)),
+                   ddp_share=float(e.get("RE_SOAK_DDP_SHARE", 0)))
 
 
 @dataclass
@@ -191,6 +196,7 @@ class Soak:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.rng = random.Random(cfg.seed)  # the chaos loop's and the API choice's
         self.stream_rng = random.Random(cfg.seed + 1)  # the job stream's own, so it does not depend on timing
+        self.ddp_rng = random.Random(cfg.seed + 2)  # which train jobs are DDP (RE_SOAK_DDP_SHARE)
         self.log = SoakLog()
         self.t0 = time.monotonic()
         self.lock = threading.Lock()
@@ -315,19 +321,26 @@ class Soak:
                         "AND status NOT IN ('succeeded', 'failed', 'cancelled')", ids=ids)
         return int(rows[0].n)
 
+    def _train_spec(self, seed: int) -> dict[str, Any]:
+        """A train job's spec: one Ray Train worker, or two (DDP) for ``ddp_share`` of them (a draw of its own,
+        made only when the share is set: the stream of a soak without DDP jobs is as before)."""
+        if self.cfg.ddp_share > 0 and self.ddp_rng.random() < self.cfg.ddp_share:
+            return {**TRAIN, "seed": seed, "workers": 2}
+        return {**TRAIN, "seed": seed}
+
     def _next_job(self, n: int) -> dict[str, Any]:
         seed = self.cfg.seed * 1000 + n
         trains = [j for j, k in self.log.kinds.items() if k == "train"]
         roll = self.stream_rng.random()
         if n < 2:  # the first two are train jobs: the chaos loop's kills need runs to hit
-            return {"kind": "train", "spec": {**TRAIN, "seed": seed}}
+            return {"kind": "train", "spec": self._train_spec(seed)}
         if roll < 0.15 and trains:
             return {"kind": "evaluate", "spec": {**EVALUATE, "target_job": self.stream_rng.choice(trains),
                                                  "seed": seed}}
         if roll < 0.25:
             return {"kind": "tune", "spec": {**TUNE, "base": {**TRAIN, "epochs": 2, "train_subset": 1024},
                                              "seed": seed}}
-        return {"kind": "train", "spec": {**TRAIN, "seed": seed}}
+        return {"kind": "train", "spec": self._train_spec(seed)}
 
     def submitter(self, stop: threading.Event) -> None:
         n = 0
@@ -402,14 +415,18 @@ class Soak:
         done, seconds = self._epochs_logged(str(row.id), row.attempts)
         if not 1 <= done < TRAIN["epochs"]:
             return None
-        actors = state.actors(actor_state_name="ALIVE").values()
-        pids = [int(a["Pid"]) for a in actors if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]
-        kind = "Ray Train worker"
-        if not pids:  # the warm path (the default): the run's warm actor, named by the attempt's log
-            rows = self._db("SELECT line FROM job_logs WHERE job_id = CAST(:id AS uuid) AND attempt = :a "
-                            "ORDER BY id", id=str(row.id), a=row.attempts)
-            pids = [int(m.group(1)) for r in rows if (m := WARM_PID.search(r.line))][-1:]
-            kind = "warm trainer"
+        rows = self._db("SELECT line FROM job_logs WHERE job_id = CAST(:id AS uuid) AND attempt = :a "
+                        "ORDER BY id", id=str(row.id), a=row.attempts)
+        group = [int(m.group(1)) for r in rows if (m := GROUP_PID.search(r.line))][-1:]
+        warm = [int(m.group(1)) for r in rows if (m := WARM_PID.search(r.line))][-1:]
+        if group:  # a DDP job on a warm group (workers/warm_ddp.py): its rank 0, named by the attempt's log
+            pids, kind = group, "warm DDP group rank 0"
+        elif warm:  # the warm path (the default for one worker): the run's warm actor
+            pids, kind = warm, "warm trainer"
+        else:  # Ray Train's own run: its worker
+            actors = state.actors(actor_state_name="ALIVE").values()
+            pids = [int(a["Pid"]) for a in actors if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]
+            kind = "Ray Train worker"
         if len(pids) != 1:
             return None
         self._into_the_epoch(seconds)
