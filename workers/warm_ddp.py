@@ -179,6 +179,8 @@ def _group_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # broadcast_object_list under NCCL stages the job on the current device
     ray.get(dispatcher.register_worker.remote(rank, ray.get_runtime_context().current_actor))
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     while True:
@@ -301,8 +303,9 @@ class WarmGroup:
             _group_loop,
             # at least 10 s: the job reaches the dispatcher while Ray Train starts the ranks (RE_WARM_IDLE_SECONDS=0
             # closes the group after each job instead: workers/ray_train.py)
+            # and at most 25 min: the other ranks wait for the next job in a collective, whose timeout is 30 min
             train_loop_config={"dispatcher": self.dispatcher, "threads": threads,
-                               "idle_s": max(idle_seconds(), 10.0)},
+                               "idle_s": min(max(idle_seconds(), 10.0), 1500.0)},
             scaling_config=scaling_config, torch_config=torch_config,
             run_config=RunConfig(name=self.name, storage_path=str(Path(storage_path) / "warm-groups"),
                                  failure_config=FailureConfig(max_failures=max_failures)))
