@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from test_warm_train import Recorder as WarmRecorder  # the one-worker warm path's helpers
+from test_warm_train import _assert_same, _weights
 
 from workers.errors import JobCancelled
 
@@ -29,24 +30,7 @@ SPEC: dict[str, Any] = dict(method="baseline", dataset="mnist", members=2, epoch
 RANK0 = re.compile(r"warm group rank 0 of 2 on host .*, pid (\d+): job (\d+) of this group")
 
 
-class Recorder:
-    def __init__(self, stop_after_epoch: int | None = None, on_epoch_1: Any = None) -> None:
-        self.epochs: list[dict[str, Any]] = []
-        self.logs: list[str] = []
-        self.stop_after_epoch = stop_after_epoch
-        self.on_epoch_1 = on_epoch_1
-
-    def on_epoch(self, m: dict[str, Any]) -> None:
-        self.epochs.append(m)
-        if len(self.epochs) == 1 and self.on_epoch_1 is not None:
-            self.on_epoch_1(self)
-
-    def should_stop(self) -> bool:
-        return self.stop_after_epoch is not None and len(self.epochs) >= self.stop_after_epoch
-
-    def log(self, line: str) -> None:
-        self.logs.append(line)
-
+class Recorder(WarmRecorder):
     def rank0(self) -> list[tuple[int, int]]:
         return [(int(m.group(1)), int(m.group(2))) for line in self.logs if (m := RANK0.search(line))]
 
@@ -65,19 +49,6 @@ def _run(tmp: Path, job_id: str, rec: Recorder, *, warm: bool, spec: dict[str, A
             os.environ.pop("RE_WARM_DDP", None)
         else:
             os.environ["RE_WARM_DDP"] = old
-
-
-def _weights(tmp: Path, job_id: str) -> dict[str, torch.Tensor]:
-    from ensemble_core.checkpoint import load_checkpoint
-
-    state = load_checkpoint(tmp / "artifacts" / job_id / "ensemble.pt")
-    return {f"{i}.{k}": v for i, sd in enumerate(state["members"]) for k, v in sd.items()}
-
-
-def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
 @pytest.fixture(scope="module")
