@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from bench.common import embedded_postgres, header, private_ray, save, table
 from bench.service_overhead import SPEC, service
@@ -58,8 +59,10 @@ def run_config(name: str, system_config: dict[str, Any] | None, settle_s: float 
     from ensemble_core.datacache import CACHE_ENV
 
     data_dir = Path(tempfile.mkdtemp(prefix="re-bench-ddp-pool-"))
-    old_cache = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(data_dir / "dataset-cache")
+    # the cold path (one TorchTrainer.fit() per job) is what Ray's worker pool could speed up; a warm DDP group,
+    # the default, starts no processes for a reused group
+    env = mock.patch.dict(os.environ, {CACHE_ENV: str(data_dir / "dataset-cache"), "RE_WARM_DDP": "0"})
+    env.start()
     spec = {**SPEC, "workers": 2}
     seen: dict[int, tuple[float, str]] = {}
     stop = threading.Event()
@@ -85,10 +88,7 @@ def run_config(name: str, system_config: dict[str, Any] | None, settle_s: float 
                                                          (f"{name}, cache filled, again", spec)])
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
-        if old_cache is None:
-            os.environ.pop(CACHE_ENV, None)
-        else:
-            os.environ[CACHE_ENV] = old_cache
+        env.stop()
     started = sorted(title for pid, (_, title) in seen.items() if pid not in before)
     reused = sorted(title for pid, (_, title) in seen.items() if pid in idle and title != "ray::IDLE")
     return {"rows": rows, "idle_before_run": len(idle), "processes_started": started, "pool_processes_used": reused}

@@ -35,8 +35,8 @@ At the end, from ``job_events``, ``job_logs``, the artifacts and the answers, it
 Sizes (environment): ``RE_SOAK_WORKER_KILLS`` (default 20), ``RE_SOAK_RAY_KILLS`` (3), ``RE_SOAK_PG_RESTARTS``
 (3), ``RE_SOAK_API_KILLS`` (1), ``RE_SOAK_MINUTES`` (a bound on the chaos phase, default 60),
 ``RE_SOAK_SEED`` (0), ``RE_SOAK_IN_FLIGHT`` (3), ``RE_SOAK_DRAIN_MINUTES`` (20), ``RE_SOAK_DDP_SHARE`` (0: the
-share of train jobs sent with two Ray Train workers; with ``RE_WARM_DDP=1`` they run on warm DDP groups, and the
-Ray kill then hits a group's rank 0). ``tests/reliability/test_soak.py``
+share of train jobs sent with two Ray Train workers; they run on warm DDP groups unless ``RE_WARM_DDP=0``, and
+the Ray kill then hits a group's rank 0). ``tests/reliability/test_soak.py``
 runs it CI-sized (2 worker kills, 1 of each other), in a process of its own.
 """
 
@@ -101,7 +101,7 @@ class SoakConfig:
     in_flight: int = 3  # jobs kept queued or running while the chaos lasts
     lease_seconds: float = 6.0
     drain_minutes: float = 20.0
-    ddp_share: float = 0.0  # of the train jobs: sent with workers 2 (on a warm DDP group with RE_WARM_DDP=1)
+    ddp_share: float = 0.0  # of the train jobs: sent with workers 2 (on a warm DDP group unless RE_WARM_DDP=0)
 
     @classmethod
     def from_env(cls) -> SoakConfig:

@@ -55,13 +55,22 @@ def pg_url(pg_server: object) -> str:
 @pytest.fixture(autouse=True)
 def _no_idle_warm_actor_outlives_its_test() -> Iterator[None]:
     """One-worker train jobs run on a warm actor by default (workers/warm.py), kept idle after the job; one left
-    by a test would hold one of the session Ray's two cores while the next test asks for both."""
+    by a test would hold one of the session Ray's two cores while the next test asks for both. Likewise, a
+    request for room left open on the demand board would free the next tests' idle actors."""
     yield
     import sys
 
     warm = sys.modules.get("workers.warm")
     if warm is not None:
         warm.release_idle()
+        import contextlib
+
+        import ray
+
+        # a request for room a test opened (workers/warm.py) would free the next tests' idle actors for a minute
+        if ray.is_initialized():
+            with contextlib.suppress(ValueError):  # no board: nobody asked
+                ray.get(ray.get_actor(warm.BOARD_NAME, namespace=warm.BOARD_NAMESPACE).close.remote(), timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ Run state, resume and failures:
   run up (before the first training step) is reported through the channel and ends the run at once.
 
 A one-worker job runs instead on a warm actor kept between jobs (unless ``RE_WARM_TRAIN=0``)
-(:mod:`workers.warm`), and with ``RE_WARM_DDP=1`` a multi-worker job runs on a warm DDP group: one long-lived
+(:mod:`workers.warm`), and a multi-worker job on a warm DDP group (unless ``RE_WARM_DDP=0``): one long-lived
 ``TorchTrainer`` run that serves job after job (:mod:`workers.warm_ddp`). Both keep the same contract; every
 path resumes from the others' checkpoints.
 """
@@ -287,7 +287,7 @@ def run_train_job(
     :class:`JobPreempted` is raised; the next call resumes from that checkpoint. A run that finished meanwhile
     returns as usual.
     """
-    from workers.warm import newest_state, release_idle, warm_enabled
+    from workers.warm import ask_for_room, newest_state, release_idle, warm_enabled
 
     stamps: dict[str, float] = {"call": time.time()}  # the start-up breakdown (workers/startup.py)
     ts = validate_train_spec(spec)
@@ -309,8 +309,10 @@ def run_train_job(
                                      should_stop=should_stop, log=log, max_failures=max_failures,
                                      should_preempt=should_preempt, stamps=stamps)
         return _finish(state_path, out_dir, log, t0, stamps)
-    release_idle()  # an idle warm actor holds a core this run may need
+    freed = release_idle()  # an idle warm actor holds a core this run may need
     cpus = cpus_per_worker()
+    # other job workers' idle warm actors and groups, where Ray has too little free
+    ask_for_room(ts.workers * cpus, float(ts.workers) if ts.use_gpu else 0.0, settle_s=2.0 if freed else 0.0)
     channel = JobChannel.remote()
     warm_state = newest_state(Path(storage_path) / str(job_id), warm_only=True)
     trainer = TorchTrainer(
@@ -415,7 +417,7 @@ def _run_warm(ts: TrainSpec, *, job_id: str, storage_path: str, on_epoch: Callab
     from workers.warm import POOL, _kill
     from workers.warm_ddp import GROUPS
 
-    GROUPS.release_idle()  # an idle warm DDP group holds the cores this actor may need
+    closed = GROUPS.release_idle()  # an idle warm DDP group holds the cores this actor may need
     cpus = cpus_per_worker()
     run_dir = str(Path(storage_path) / str(job_id))
     failures = 0
@@ -424,7 +426,7 @@ def _run_warm(ts: TrainSpec, *, job_id: str, storage_path: str, on_epoch: Callab
 
     while True:
         t_acquire = time.monotonic()
-        actor, reused = POOL.acquire(cpus, ts.use_gpu)
+        actor, reused = POOL.acquire(cpus, ts.use_gpu, settle_s=2.0 if closed else 0.0)
         key = f"{job_id}-{uuid.uuid4().hex[:8]}"
         log(f"starting on a warm trainer ({'reused' if reused else 'new'}, "
             f"{time.monotonic() - t_acquire:.2f} s to acquire), run {job_id}")
@@ -481,20 +483,23 @@ def _run_warm_group(ts: TrainSpec, *, job_id: str, storage_path: str, on_epoch: 
     t_acquire = time.monotonic()
     group, reused = GROUPS.acquire(ts, cpus, torch_threads_for(cpus), storage_path, max_failures=max_failures,
                                    scaling_config=scaling_config_for(ts, cpus), torch_config=torch_config_for(ts))
-    log(f"starting on a warm DDP group of {ts.workers} workers ({'reused' if reused else 'new'}, "
-        f"{time.monotonic() - t_acquire:.2f} s to acquire), run {job_id}")
-    key = f"{job_id}-{uuid.uuid4().hex[:8]}"
-    job = {"key": key, "spec": ts.resolved(), "run_dir": str(Path(storage_path) / str(job_id)),
-           "threads": torch_threads_for(cpus)}
-    preempt: dict[str, Any] = {"at": None}
-    handle = _event_handler(on_epoch, log, should_preempt, preempt, stamps)
-    if stamps is not None:
-        stamps.setdefault("fit", time.time())
-    result, error, dstate = drive(
-        lambda: group.run(job), drain=lambda: ray.get(group.dispatcher.drain.remote(key), timeout=30),
-        handle=handle, should_stop=lambda: preempt["at"] is not None or should_stop(),
-        request_stop=lambda r: ray.get(group.dispatcher.request_stop.remote(key, r), timeout=30),
-        force_stop=lambda: GROUPS.discard(group), log=log, grace_s=STOP_GRACE_S)
+    try:
+        log(f"starting on a warm DDP group of {ts.workers} workers ({'reused' if reused else 'new'}, "
+            f"{time.monotonic() - t_acquire:.2f} s to acquire), run {job_id}")
+        key = f"{job_id}-{uuid.uuid4().hex[:8]}"
+        job = {"key": key, "spec": ts.resolved(), "run_dir": str(Path(storage_path) / str(job_id)),
+               "threads": torch_threads_for(cpus)}
+        preempt: dict[str, Any] = {"at": None}
+        handle = _event_handler(on_epoch, log, should_preempt, preempt, stamps)
+        if stamps is not None:
+            stamps.setdefault("fit", time.time())
+        result, error, dstate = drive(
+            lambda: group.run(job), drain=lambda: ray.get(group.dispatcher.drain.remote(key), timeout=30),
+            handle=handle, should_stop=lambda: preempt["at"] is not None or should_stop(),
+            request_stop=lambda r: ray.get(group.dispatcher.request_stop.remote(key, r), timeout=30),
+            force_stop=lambda: GROUPS.discard(group), log=log, grace_s=STOP_GRACE_S)
+    finally:
+        GROUPS.done(group)  # from here on it may be closed as idle
     if error is not None or dstate.forced:
         GROUPS.discard(group)
     elif idle_seconds() == 0:

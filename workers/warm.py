@@ -25,7 +25,9 @@ The contract of the cold path (docs/reliability.md) holds on this path too:
 - **Resources.** The actor reserves the cores (and the GPU) of one Ray Train worker for as long as it lives.
   An idle actor is killed after ``RE_WARM_IDLE_SECONDS`` (default 120) and before this process starts any
   run that needs Ray's resources otherwise (a DDP job, a Tune search, a sharded evaluation:
-  :func:`release_idle`).
+  :func:`release_idle`). When a run of *another* job-worker process needs more than Ray has free, that
+  process opens a request for room on the cluster's demand board (:func:`ask_for_room`), and every process
+  holding warm resources frees its idle ones within :data:`WATCH_S` seconds while the request is open.
 
 Multi-worker DDP jobs keep Ray Train's ``TorchTrainer`` (workers/ray_train.py). The warm path is on by default
 for one-worker train jobs; ``RE_WARM_TRAIN=0`` (or false/no/off) sends them to Ray Train's ``TorchTrainer`` as
@@ -35,6 +37,7 @@ well. It became the default after a full-size kill soak on it (docs/reliability.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -218,8 +221,9 @@ class WarmPool:
         self._idle: dict[tuple[float, bool], list[tuple[Any, float]]] = {}
         self._reaper: threading.Thread | None = None
 
-    def acquire(self, cpus: float, use_gpu: bool) -> tuple[Any, bool]:
-        """An actor holding ``cpus`` cores (and a GPU): an idle one that still answers, else a new one.
+    def acquire(self, cpus: float, use_gpu: bool, settle_s: float = 0.0) -> tuple[Any, bool]:
+        """An actor holding ``cpus`` cores (and a GPU): an idle one that still answers, else a new one (other
+        processes asked for room first where Ray has too little free: :func:`ask_for_room`, with ``settle_s``).
         Returns ``(actor, reused)``."""
         key = (cpus, use_gpu)
         while True:
@@ -236,6 +240,7 @@ class WarmPool:
         options: dict[str, Any] = {"num_cpus": cpus}
         if use_gpu:
             options["num_gpus"] = 1
+        ask_for_room(cpus, 1.0 if use_gpu else 0.0, settle_s=settle_s)
         return WarmTrainer.options(**options).remote(), False
 
     def release(self, actor: Any, cpus: float, use_gpu: bool) -> None:
@@ -248,6 +253,7 @@ class WarmPool:
             if self._reaper is None or not self._reaper.is_alive():
                 self._reaper = threading.Thread(target=self._reap, name="warm-reaper", daemon=True)
                 self._reaper.start()
+        watch_demand()
 
     def release_idle(self) -> int:
         """Kill every idle actor (their cores are needed elsewhere); returns how many."""
@@ -304,4 +310,125 @@ def release_idle() -> int:
     return POOL.release_idle() + sum(release() for release in _OTHER_IDLE)
 
 
-__all__ = ["POOL", "WarmPool", "WarmTrainer", "newest_state", "release_idle", "warm_enabled"]
+# The demand board: idle warm resources of one job-worker process freed for another's run. release_idle() frees
+# only this process's; a job worker among several (compose replicas, the soak's workers) would otherwise wait up
+# to RE_WARM_IDLE_SECONDS for cores another process keeps warm and idle.
+BOARD_NAME = "re-warm-demand-board"
+BOARD_NAMESPACE = "robust-ensembles"
+DEMAND_OPEN_S = 60.0  # how long a request for room stays open
+WATCH_S = 2.0  # how often a process holding warm resources looks at the board
+
+log = logging.getLogger(__name__)
+
+
+class DemandBoard:
+    """Requests for room, cluster-wide (one named, detached actor with no resources): a process whose run needs
+    more than Ray has free opens one for :data:`DEMAND_OPEN_S`; processes holding warm resources free their idle
+    ones while one is open."""
+
+    def __init__(self) -> None:
+        self._open_until = 0.0
+        self._requests = 0
+
+    def request(self, open_s: float) -> int:
+        """Open (or extend) a request for room; returns how many have been made."""
+        self._open_until = max(self._open_until, time.monotonic() + open_s)
+        self._requests += 1
+        return self._requests
+
+    def open_for(self) -> float:
+        """Seconds the current request stays open (0 when none is)."""
+        return max(0.0, self._open_until - time.monotonic())
+
+    def requests(self) -> int:
+        return self._requests
+
+    def close(self) -> None:
+        """Close the open request, if any (the next run short of room opens another)."""
+        self._open_until = 0.0
+
+
+DemandBoardActor = ray.remote(num_cpus=0)(DemandBoard)
+
+
+def demand_board() -> Any:
+    """The cluster's demand board (created by the first process that asks)."""
+    return DemandBoardActor.options(name=BOARD_NAME, namespace=BOARD_NAMESPACE, lifetime="detached",
+                                    get_if_exists=True).remote()
+
+
+def ask_for_room(cpus: float, gpus: float = 0.0, *, settle_s: float = 0.0) -> bool:
+    """Before a run that needs ``cpus`` cores and ``gpus`` GPUs of Ray's (after this process freed its own idle
+    warm resources; ``settle_s``: how long their release may take to show): when the cluster's free resources
+    fall short, open a request for room on the demand board, so other job-worker processes free their idle warm
+    actors and groups within :data:`WATCH_S` seconds. Returns whether it asked.
+
+    Ray's free resources are summed over nodes: a run whose workers cannot be placed on the nodes with free
+    cores is not seen as short here (it waits for cores as before)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        free = ray.available_resources()
+        if free.get("CPU", 0.0) + 1e-9 >= cpus and free.get("GPU", 0.0) + 1e-9 >= gpus:
+            return False
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    try:
+        n = ray.get(demand_board().request.remote(DEMAND_OPEN_S), timeout=10)
+    except Exception as e:  # noqa: BLE001 - the run still starts; it waits for the cores as before
+        log.warning("could not ask other workers for room: %s: %s", type(e).__name__, e)
+        return False
+    log.info("asked other workers to free idle warm resources (request %d; need %.3g CPU, %.3g GPU; free %s)",
+             n, cpus, gpus, {k: free.get(k, 0.0) for k in ("CPU", "GPU")})
+    return True
+
+
+_HOLDERS: list[Callable[[], int]] = []  # how many warm resources this process's other pools hold (groups)
+_watch_lock = threading.Lock()
+_watcher: dict[str, threading.Thread | None] = {"thread": None}
+
+
+def register_holder(count: Callable[[], int]) -> None:
+    """Have the demand watcher also count another warm pool's resources (``count`` returns how many it holds)."""
+    _HOLDERS.append(count)
+
+
+def _holding() -> int:
+    return POOL.idle_count() + sum(count() for count in _HOLDERS)
+
+
+def watch_demand() -> None:
+    """Start this process's demand watcher, once: while the process holds warm resources it frees the idle ones
+    whenever a request for room is open on the board; it ends when the process holds none."""
+    with _watch_lock:
+        thread = _watcher["thread"]
+        if thread is None or not thread.is_alive():
+            thread = threading.Thread(target=_watch, name="warm-demand-watch", daemon=True)
+            _watcher["thread"] = thread
+            thread.start()
+
+
+def _watch() -> None:
+    board = None
+    while True:
+        time.sleep(WATCH_S)
+        if _holding() == 0:
+            with _watch_lock:
+                if _holding() == 0:
+                    _watcher["thread"] = None
+                    return
+            continue
+        try:
+            if not ray.is_initialized():
+                continue
+            board = board or demand_board()
+            if ray.get(board.open_for.remote(), timeout=10) > 0:
+                freed = release_idle()
+                if freed:
+                    log.info("freed %d idle warm resource(s): another worker's run needs room", freed)
+        except Exception:  # noqa: BLE001 - Ray restarting or shut down: look again next time
+            board = None
+
+
+__all__ = ["POOL", "DemandBoard", "WarmPool", "WarmTrainer", "ask_for_room", "demand_board", "newest_state",
+           "register_holder", "release_idle", "warm_enabled", "watch_demand"]

@@ -21,9 +21,11 @@ The warm path's contract (workers/warm.py, docs/reliability.md) holds on this pa
   owned by the job worker's process and dies with it.
 - **Resources.** A group reserves its workers' cores (and GPUs) while it lives. An idle group ends its run
   after ``RE_WARM_IDLE_SECONDS`` (default 120) and is closed before this process starts any other run that
-  needs Ray's resources (:func:`release_idle`).
+  needs Ray's resources (:func:`release_idle`), or within seconds when another job-worker process's run needs
+  more than Ray has free (the demand board of workers/warm.py: :func:`workers.warm.ask_for_room`).
 
-Opt-in: ``RE_WARM_DDP=1`` (or true/yes/on) sends train jobs with ``workers`` > 1 here; unset, they run on the
+The default for train jobs with ``workers`` > 1 since 2026-12-07, after its contract tests and a full-size kill
+soak with DDP jobs (docs/reliability.md, section *Soak*); ``RE_WARM_DDP=0`` (or false/no/off) sends them to the
 cold path (``TorchTrainer.fit()`` per job).
 """
 
@@ -47,21 +49,24 @@ from workers.warm import (
     POOL,
     WARM_DIR,
     _write_state,
+    ask_for_room,
     idle_seconds,
     newest_state,
+    register_holder,
     register_idle_release,
+    watch_demand,
 )
 
 GROUP_ENV = "RE_WARM_DDP"
 
 
 def warm_ddp_enabled() -> bool:
-    """Whether multi-worker train jobs run on a warm group: only when ``RE_WARM_DDP`` is 1/true/yes/on (unset or
-    empty means off); any other value is an error naming the variable."""
+    """Whether multi-worker train jobs run on a warm group: yes unless ``RE_WARM_DDP`` is 0/false/no/off (unset or
+    empty means on); any other value is an error naming the variable."""
     raw = os.environ.get(GROUP_ENV, "").strip().lower()
-    if raw in _OFF or raw == "":
+    if raw in _OFF:
         return False
-    if raw in _ON:
+    if raw in _ON or raw == "":
         return True
     raise ValueError(f"{GROUP_ENV} must be one of {', '.join(_ON + _OFF)}, got {os.environ[GROUP_ENV]!r}")
 
@@ -366,22 +371,39 @@ class GroupPool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._groups: dict[tuple[int, float, bool], WarmGroup] = {}
+        self._held: dict[int, int] = {}  # id(group) -> jobs between acquire() and done(): never closed as idle
 
     def acquire(self, spec: Any, cpus: float, threads: int, storage_path: str, *, max_failures: int,
                 scaling_config: Any, torch_config: Any) -> tuple[WarmGroup, bool]:
-        """The live group of this shape, else a new one (other idle groups are closed first: their cores)."""
+        """The live group of this shape, else a new one (other idle groups are closed first: their cores). The
+        caller holds it until :meth:`done`: until then :meth:`release_idle` leaves it alone, even before its job
+        has reached the dispatcher."""
         shape = group_shape(spec, cpus)
         with self._lock:
             group = self._groups.get(shape)
             if group is not None and group.alive():
+                self._held[id(group)] = self._held.get(id(group), 0) + 1
                 return group, True
             self._groups.pop(shape, None)
-        self.release_idle()
-        POOL.release_idle()  # idle one-worker warm actors hold cores too
+        freed = self.release_idle()
+        freed += POOL.release_idle()  # idle one-worker warm actors hold cores too
+        # other job workers' idle warm actors and groups, where Ray has too little free
+        ask_for_room(spec.workers * cpus, float(spec.workers) if spec.use_gpu else 0.0, settle_s=2.0 if freed else 0.0)
         group = WarmGroup(spec, cpus, threads, storage_path, max_failures, scaling_config, torch_config)
         with self._lock:
             self._groups[shape] = group
+            self._held[id(group)] = self._held.get(id(group), 0) + 1
+        watch_demand()
         return group, False
+
+    def done(self, group: WarmGroup) -> None:
+        """The caller's job is over (finished, stopped or failed): the group may be closed as idle again."""
+        with self._lock:
+            n = self._held.get(id(group), 0) - 1
+            if n > 0:
+                self._held[id(group)] = n
+            else:
+                self._held.pop(id(group), None)
 
     def discard(self, group: WarmGroup) -> None:
         """Kill a group that failed or did not stop in time, and forget it."""
@@ -393,7 +415,7 @@ class GroupPool:
     def release_idle(self, except_shape: tuple[int, float, bool] | None = None) -> int:
         """Close every group without a job (their cores are needed elsewhere); returns how many."""
         with self._lock:
-            groups = [(s, g) for s, g in self._groups.items() if s != except_shape]
+            groups = [(s, g) for s, g in self._groups.items() if s != except_shape and id(g) not in self._held]
         closed = 0
         for shape, g in groups:
             idle = not g.alive()
@@ -415,6 +437,7 @@ class GroupPool:
 
 GROUPS = GroupPool()
 register_idle_release(GROUPS.release_idle)  # workers.warm.release_idle() closes idle groups too
+register_holder(GROUPS.live_count)  # the demand watcher runs while this process keeps a group
 
 
 def release_idle() -> int:

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,15 @@ def _train_worker_pids() -> list[int]:
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cold_path() -> Iterator[None]:
+    """This module is about Ray Train's ``fit()`` per job, the path with ``RE_WARM_DDP=0``; the default for
+    multi-worker jobs, a warm DDP group, has its own tests (test_warm_ddp.py, test_service_e2e.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RE_WARM_DDP", "0")
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,9 @@ def test_train_job_with_two_ddp_workers_from_post_to_a_downloaded_checkpoint(sta
     # logs: the worker's lines and the run's (rank 0) lines
     lines = [x["line"] for x in stack.log_lines(jid)]
     assert lines[0].startswith("attempt 1/3 of train job started")
-    assert any("2 worker(s)" in x for x in lines) and any("stage 1 epoch 2" in x for x in lines)
+    # the default path for DDP jobs: a warm DDP group (workers/warm_ddp.py), new in this worker's process
+    assert any("starting on a warm DDP group of 2 workers (new" in x for x in lines), lines
+    assert any("stage 1 epoch 2" in x for x in lines)
     assert lines[-1] == "succeeded"
 
     results = stack.client.get(f"/v1/jobs/{jid}/results").json()
@@ -191,17 +193,21 @@ def _committed_epoch(snapshot: Path) -> int:
     return int((latest.get("metrics") or {}).get("global_epoch") or 0)
 
 
-@pytest.mark.parametrize("path", ["ray_train", "warm"])
+@pytest.mark.parametrize("path", ["ray_train", "warm", "warm_ddp"])
 def test_an_expired_lease_requeues_the_job_and_the_next_attempt_resumes_from_the_checkpoint(
         stack: Stack, pg_url: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ray Train (2 DDP workers), and the warm path (one worker on a warm actor, RE_WARM_TRAIN=1): the actor is
-    owned by worker A's process and dies with it, so it cannot train beside worker B's attempt."""
+    """Three paths: Ray Train's ``fit()`` per job (2 DDP workers, RE_WARM_DDP=0), one worker on a warm actor, and
+    2 DDP workers on a warm DDP group (the defaults). The actor and the group are owned by worker A's process and
+    die with it, so neither can train beside worker B's attempt."""
     import ray
 
-    warm = path == "warm"
-    monkeypatch.setenv("RE_WARM_TRAIN", "1" if warm else "0")  # worker A inherits it; worker B reads it here
+    warm = path != "ray_train"
+    # worker A inherits them; worker B reads them here
+    monkeypatch.setenv("RE_WARM_TRAIN", "1" if path == "warm" else "0")
+    monkeypatch.setenv("RE_WARM_DDP", "1" if path == "warm_ddp" else "0")
     # max_attempts 1: the worker's death is an infrastructure failure and must not spend the only attempt
-    job = stack.submit("train", {**TRAIN, "epochs": 3, **({"workers": 1} if warm else {})}, max_attempts=1)
+    job = stack.submit("train", {**TRAIN, "epochs": 3, **({"workers": 1} if path == "warm" else {})},
+                       max_attempts=1)
     jid = job["id"]
     # worker A: a separate process on the same Ray cluster and data directory, with a short lease
     env = {**os.environ, "RE_HEARTBEAT_SECONDS": "1", "RE_RETRY_BACKOFF_SECONDS": "1"}
@@ -242,8 +248,5 @@ def test_an_expired_lease_requeues_the_job_and_the_next_attempt_resumes_from_the
     second = [x["line"] for x in lines if x["attempt"] == 2]
     assert any(f"resuming at stage 1/1, epoch {committed + 1}/3" in x for x in second), second
     assert not any("stage 1 epoch 1 " in x for x in second)
-    assert any("warm trainer on host" in x for x in second) == warm
-    if warm:
-        from workers.warm import POOL
-
-        POOL.release_idle()  # worker B's idle actor gives its core back to the next tests
+    assert any("warm trainer on host" in x for x in second) == (path == "warm")
+    assert any("on a warm DDP group of 2 workers (new" in x for x in second) == (path == "warm_ddp")

@@ -1,6 +1,7 @@
 """The kill soak of ``bench/soak.py``, CI-sized: the real stack (embedded PostgreSQL, two API processes, local
 Ray, two job-worker processes) under a seeded chaos loop of 2 job-worker SIGKILLs mid-epoch, 1 Ray Train
-worker SIGKILL, 1 PostgreSQL restart and 1 API SIGKILL, with small train, evaluate and tune jobs streaming in.
+worker SIGKILL, 1 PostgreSQL restart and 1 API SIGKILL, with small train (half of them DDP), evaluate and tune
+jobs streaming in.
 ``python -m bench soak`` is the full-size run (``docs/reliability.md``, section *Soak*).
 
 It runs ``python -m bench soak`` in a process of its own: the soak starts its own local Ray with a private
@@ -19,8 +20,11 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
+# half the train jobs DDP (2 workers): on warm DDP groups, the default path, which two job workers on two cores
+# share through the demand board (workers/warm.py)
 SIZES = {"RE_SOAK_WORKER_KILLS": "2", "RE_SOAK_RAY_KILLS": "1", "RE_SOAK_PG_RESTARTS": "1", "RE_SOAK_API_KILLS": "1",
-         "RE_SOAK_MINUTES": "15", "RE_SOAK_SEED": "1", "RE_SOAK_IN_FLIGHT": "2", "RE_SOAK_DRAIN_MINUTES": "10"}
+         "RE_SOAK_MINUTES": "15", "RE_SOAK_SEED": "1", "RE_SOAK_IN_FLIGHT": "2", "RE_SOAK_DRAIN_MINUTES": "10",
+         "RE_SOAK_DDP_SHARE": "0.5"}
 
 
 def test_a_ci_sized_soak_loses_nothing_and_runs_nothing_twice(tmp_path: Path) -> None:

@@ -62,9 +62,9 @@ def test_idle_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
             idle_seconds()
 
 
-@pytest.mark.parametrize(("raw", "on"), [(None, False), ("", False), ("0", False), (" Off ", False),
+@pytest.mark.parametrize(("raw", "on"), [(None, True), ("", True), ("0", False), (" Off ", False), ("no", False),
                                          ("1", True), ("true", True), (" ON ", True), ("yes", True)])
-def test_warm_ddp_is_opt_in(monkeypatch: pytest.MonkeyPatch, raw: str | None, on: bool) -> None:
+def test_warm_ddp_is_on_unless_switched_off(monkeypatch: pytest.MonkeyPatch, raw: str | None, on: bool) -> None:
     from workers.warm_ddp import warm_ddp_enabled
 
     if raw is None:
@@ -106,3 +106,103 @@ def test_the_group_dispatcher_hands_out_one_job_at_a_time_and_again_after_a_rest
     assert d.is_idle() is True
     d.close()
     assert d.next_job(5.0) is None and d.submit({"key": "c"}) is False  # closed: at once
+
+
+def test_the_demand_board_keeps_a_request_open_for_its_time_and_closes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import warm
+
+    clock = [1000.0]
+    monkeypatch.setattr(warm.time, "monotonic", lambda: clock[0])
+    board = warm.DemandBoard()
+    assert board.open_for() == 0.0 and board.requests() == 0
+    assert board.request(60.0) == 1
+    clock[0] += 45.0
+    assert board.open_for() == pytest.approx(15.0)
+    assert board.request(10.0) == 2  # a shorter request does not cut an open one short
+    assert board.open_for() == pytest.approx(15.0)
+    assert board.request(60.0) == 3  # a longer one extends it
+    assert board.open_for() == pytest.approx(60.0)
+    clock[0] += 60.0
+    assert board.open_for() == 0.0
+    board.request(60.0)
+    board.close()
+    assert board.open_for() == 0.0 and board.requests() == 4
+
+
+class _Remote:
+    def __init__(self, fn: object) -> None:
+        self.remote = fn
+
+
+class _FakeBoard:
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+        self.request = _Remote(lambda open_s: self.asked.append(open_s) or len(self.asked))
+
+
+@pytest.mark.parametrize(("free", "cpus", "gpus", "asks"), [
+    ({"CPU": 2.0}, 2.0, 0.0, False),  # fits exactly
+    ({"CPU": 1.0}, 2.0, 0.0, True),  # one core short
+    ({"CPU": 4.0}, 2.0, 1.0, True),  # no GPU free
+    ({"CPU": 4.0, "GPU": 1.0}, 2.0, 1.0, False),
+    ({}, 0.5, 0.0, True),  # nothing free at all
+])
+def test_ask_for_room_asks_the_other_workers_only_when_ray_has_too_little_free(
+        monkeypatch: pytest.MonkeyPatch, free: dict[str, float], cpus: float, gpus: float, asks: bool) -> None:
+    from workers import warm
+
+    board = _FakeBoard()
+    monkeypatch.setattr(warm.ray, "available_resources", lambda: dict(free))
+    monkeypatch.setattr(warm.ray, "get", lambda ref, timeout=None: ref)
+    monkeypatch.setattr(warm, "demand_board", lambda: board)
+    assert warm.ask_for_room(cpus, gpus) is asks
+    assert board.asked == ([warm.DEMAND_OPEN_S] if asks else [])
+
+
+def test_ask_for_room_waits_settle_s_for_freed_resources_to_show_before_asking(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import warm
+
+    board = _FakeBoard()
+    seen = iter([{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 2.0}])  # this process's freed actor shows on the third look
+    monkeypatch.setattr(warm.ray, "available_resources", lambda: next(seen))
+    monkeypatch.setattr(warm, "demand_board", lambda: board)
+    assert warm.ask_for_room(2.0, settle_s=5.0) is False and board.asked == []
+
+
+class _FakeGroup:
+    """A live group whose dispatcher has no job (what a new group looks like before its job reaches it)."""
+
+    def __init__(self, shape: tuple[int, float, bool]) -> None:
+        self.shape = shape
+        self.closed = False
+        self.dispatcher = type("D", (), {"is_idle": _Remote(lambda: True)})()
+
+    def alive(self) -> bool:
+        return not self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_group_held_by_a_job_is_never_closed_as_idle_even_before_its_job_reaches_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """release_idle() (this process's next run, or the demand watcher) between acquire() and the job's submit
+    once closed the group under the job: its dispatcher still said idle."""
+    from types import SimpleNamespace
+
+    from workers import warm_ddp
+
+    monkeypatch.setattr(warm_ddp.ray, "get", lambda ref, timeout=None: ref)
+    pool = warm_ddp.GroupPool()
+    spec = SimpleNamespace(workers=2, use_gpu=False)
+    group = _FakeGroup(warm_ddp.group_shape(spec, 1.0))
+    pool._groups[group.shape] = group  # type: ignore[assignment]
+    kwargs = {"max_failures": 0, "scaling_config": None, "torch_config": None}
+    assert pool.acquire(spec, 1.0, 1, "/nowhere", **kwargs) == (group, True)
+    assert pool.acquire(spec, 1.0, 1, "/nowhere", **kwargs) == (group, True)  # a second job queued on it
+    assert pool.release_idle() == 0 and not group.closed
+    pool.done(group)  # type: ignore[arg-type]
+    assert pool.release_idle() == 0 and not group.closed  # the second job still holds it
+    pool.done(group)  # type: ignore[arg-type]
+    assert pool.release_idle() == 1 and group.closed and pool.live_count() == 0
