@@ -1039,6 +1039,25 @@ def _mean_sd(vals: list[float]) -> str:
     return f"{100 * statistics.mean(vals):.1f} ± {100 * statistics.stdev(vals):.1f} (n {len(vals)})"
 
 
+def stale_evaluations(evals: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The recorded evaluations made with other evaluation code than this tree's (unit → their code digest): the
+    campaign re-runs them, and until then their cells are the earlier code's."""
+    current = evaluation_code_digest()
+    return {u: str(rec.get("evaluation_code_digest")) for u, rec in evals.items()
+            if rec.get("evaluation_code_digest") != current}
+
+
+def _stale_evaluations(evals: dict[str, dict[str, Any]]) -> list[str]:
+    stale = stale_evaluations(evals)
+    if not stale:
+        return []
+    return [f"**Evaluated with earlier evaluation code** ({len(stale)} of {len(evals)} records; this tree's is "
+            f"`{evaluation_code_digest()}`): "
+            + ", ".join(f"`{u}` (`{d}`)" for u, d in sorted(stale.items()))
+            + ". The campaign re-runs these units; until then their cells below are that code's. What changed is "
+            "in the git log of `ensemble_core/evaluation/`.", ""]
+
+
 def render_report(c: Campaign, paths: Paths) -> str:
     """The campaign's page from its records: training status and clean accuracy per row (mean ± sd over seeds);
     per evaluated cell ours (all images and clean-correct) beside the paper's figure."""
@@ -1111,6 +1130,7 @@ def render_report(c: Campaign, paths: Paths) -> str:
             lines.append("")
         return "\n".join(lines)
     lines += [f"Paper: {paper.get('table', '–')}; {paper.get('metric', '')}.", ""]
+    lines += _stale_evaluations(evals)
     lines += _transfer_table(c, evals, c.paper_group)
     lines += _claims_section(c, evals)
     for group in _extra_groups(c):
@@ -1363,6 +1383,9 @@ def status_table(c: Campaign, paths: Paths) -> str:
             f"partial (resumes from runs/: {len(json.loads(running[0][1].read_text()).get('done', []))} pieces done)"
             if running else
             f"parked, {json.loads(parked.read_text())['pieces_done']} pieces done" if parked.exists() else "to do")
+        rec = paths.eval_record(e.id)
+        if rec.exists() and stale_evaluations({e.id: json.loads(rec.read_text())}):
+            state += " with earlier evaluation code (re-runs)"
         if paths.eval_record(e.id).exists() and parked.exists():
             state += f", a newer evaluation parked ({json.loads(parked.read_text())['pieces_done']} pieces done)"
         lines.append(f"  eval  {e.id:<22} {state}")

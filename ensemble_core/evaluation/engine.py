@@ -41,6 +41,7 @@ MembersFn = Callable[[torch.Tensor], torch.Tensor]  # x -> (K, N, C) member logi
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # (K, N, C) member logits -> (N,) labels (-1 = abstain)
 
 STEP_KINDS = ("fgsm", "bim", "mim", "pgd", "pgdl2")
+MIM_ZERO_DIV = 1e-12  # MIM's floor on the mean |gradient| it divides by (cleverhans' avoid_zero_div)
 
 
 @dataclass
@@ -167,8 +168,12 @@ class GradientAttack:
             b = (step >= a).float() * step + (step < a).float() * a
             c = (b > images + eps).float() * (images + eps) + (b <= images + eps).float() * b
             return torch.clamp(c, max=1).detach(), momentum
-        if self.kind == "mim":  # torchattacks' MIFGSM: momentum on L1-normalised gradients
-            g = g / torch.mean(torch.abs(g), dim=(1, 2, 3), keepdim=True)
+        if self.kind == "mim":  # torchattacks' MIFGSM: momentum on L1-normalised gradients ...
+            # ... with the zero-gradient guard of cleverhans' MomentumIterativeMethod (avoid_zero_div 1e-12): an
+            # example whose gradient is all zero (a capped loss, e.g. the CW margin at κ) adds nothing and keeps
+            # moving along its momentum. torchattacks divides 0 by 0: the momentum turns NaN for good, sign(NaN)
+            # is 0, and the example stops where it first reached κ (docs/evaluation.md, "MIM and zero gradients").
+            g = g / torch.mean(torch.abs(g), dim=(1, 2, 3), keepdim=True).clamp_min(MIM_ZERO_DIV)
             g = g + momentum * self.decay
             adv = adv.detach() + alpha * g.sign()
             delta = torch.clamp(adv - images, min=-eps, max=eps)

@@ -220,6 +220,13 @@ def test_tiny_campaign_evaluates_and_keys_on_the_evaluation_code(tiny_paths: Pat
     assert json.loads(tiny_paths.eval_record("baseline-s0").read_text())["fingerprint"] != fp0
     assert before == {u.id: tiny_paths.train_record(u.id).stat().st_mtime_ns for u in train_units(TINY)}
     page = cp.render_report(TINY, tiny_paths)
+    # the records of the earlier code are named on the page and in --status until the campaign re-runs them
+    stale_line = next(x for x in page.splitlines() if x.startswith("**Evaluated with earlier evaluation code**"))
+    assert "(3 of 4 records; this tree's is `changed-code`)" in stale_line, stale_line
+    assert "`gal-s0` (`" in stale_line and "`baseline-s0`" not in stale_line
+    status = {ln.split()[1]: ln for ln in cp.status_table(TINY, tiny_paths).splitlines() if ln.split()[:1] == ["eval"]}
+    assert status["gal-s0"].endswith("recorded with earlier evaluation code (re-runs)")
+    assert status["baseline-s0"].endswith("recorded")
     assert "| GAL (LSD) | `gal-lsd` | 0, 1 |" in page, page
     assert "| GAL (LSD) | fgsm" in page
     # the same-init group gets its own table, from its own records (not the paper group's)

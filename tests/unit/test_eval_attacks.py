@@ -87,6 +87,31 @@ def test_engine_reproduces_torchattacks_with_ce(name: str, ours, ta, combine: st
     assert torch.equal(out.final, b)
 
 
+def test_mim_keeps_moving_along_its_momentum_where_the_gradient_is_zero() -> None:
+    """Computed by hand. One member, two classes, y = 0; the margin z1 - z0 = sum(x - 0.5) - 0.05 over 4 pixels,
+    so the CW objective min(margin, 0.1) has gradient 1 per pixel at x = 0.5 and 0 once the margin passes
+    κ = 0.1. Step 1 (alpha 0.1): the normalised gradient is 1, x = 0.6, margin 0.35 > κ: every later gradient
+    is 0. Our MIM adds 0 to the momentum and steps on, 0.7 then 0.8 (eps 0.3). torchattacks' MIFGSM divides
+    0 by 0 there: its momentum turns NaN, sign(NaN) is 0, and it stays at 0.6."""
+
+    def members(x: torch.Tensor) -> torch.Tensor:
+        z1 = (x - 0.5).flatten(1).sum(1) - 0.05
+        return torch.stack([torch.zeros_like(z1), z1], 1).unsqueeze(0)
+
+    def objective(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return cw_objective(z[0], y, kappa=0.1)
+
+    x = torch.full((1, 1, 2, 2), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    atk = GradientAttack(members, objective, kind="mim", eps=0.3, alpha=0.1, steps=3, decay=1.0)
+    adv = atk(x, y)
+    assert torch.isfinite(adv).all()
+    assert adv.flatten().tolist() == pytest.approx([0.8] * 4)
+    # the same loop without the guard (torchattacks' division) stops after the first step
+    g0 = torch.zeros_like(x)
+    assert (torch.sign(g0 / torch.mean(torch.abs(g0), dim=(1, 2, 3), keepdim=True)) == 0).all()
+
+
 def test_cw_variant_moves_on_log_prob_ensemble_and_differs_from_ce() -> None:
     ens = _linear_ensemble("log_mean_probs")
     x = torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(1))
