@@ -161,12 +161,10 @@ def _run_sharded(spec: EvaluateSpec, checkpoints: dict[str, str | None], shards:
     from workers.ray_common import JobChannel, cpus_per_worker, ensure_ray, torch_threads_for
 
     ensure_ray()
-    from workers.warm import ask_for_room, release_idle
+    from workers.warm import make_room
 
-    freed = release_idle()  # an idle warm trainer (workers/warm.py) holds a core this run may need
     cpus = cpus_per_worker()
-    # a shard's resources, where other job workers keep too many idle warm ones
-    ask_for_room(cpus, 1.0 if spec.use_gpu else 0.0, settle_s=2.0 if freed else 0.0)
+    make_room(cpus, 1.0 if spec.use_gpu else 0.0)  # a shard's: idle warm actors and groups hold cores
     options: dict[str, Any] = {"num_cpus": cpus, "max_retries": 2}
     if spec.use_gpu:
         options["num_gpus"] = 1

@@ -287,7 +287,7 @@ def run_train_job(
     :class:`JobPreempted` is raised; the next call resumes from that checkpoint. A run that finished meanwhile
     returns as usual.
     """
-    from workers.warm import ask_for_room, newest_state, release_idle, warm_enabled
+    from workers.warm import make_room, newest_state, warm_enabled
 
     stamps: dict[str, float] = {"call": time.time()}  # the start-up breakdown (workers/startup.py)
     ts = validate_train_spec(spec)
@@ -309,10 +309,8 @@ def run_train_job(
                                      should_stop=should_stop, log=log, max_failures=max_failures,
                                      should_preempt=should_preempt, stamps=stamps)
         return _finish(state_path, out_dir, log, t0, stamps)
-    freed = release_idle()  # an idle warm actor holds a core this run may need
     cpus = cpus_per_worker()
-    # other job workers' idle warm actors and groups, where Ray has too little free
-    ask_for_room(ts.workers * cpus, float(ts.workers) if ts.use_gpu else 0.0, settle_s=2.0 if freed else 0.0)
+    make_room(ts.workers * cpus, float(ts.workers) if ts.use_gpu else 0.0)  # idle warm actors and groups hold cores
     channel = JobChannel.remote()
     warm_state = newest_state(Path(storage_path) / str(job_id), warm_only=True)
     trainer = TorchTrainer(

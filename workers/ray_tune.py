@@ -447,11 +447,9 @@ def run_tune_job(
     if should_stop():
         raise JobCancelled("cancelled before the search started")
     ensure_ray()
-    from workers.warm import ask_for_room, release_idle
+    from workers.warm import make_room
 
-    freed = release_idle()  # an idle warm trainer (workers/warm.py) holds a core this run may need
-    # a trial's resources, where other job workers keep too many idle warm ones
-    ask_for_room(ts.cpus_per_trial, ts.gpus_per_trial, settle_s=2.0 if freed else 0.0)
+    make_room(ts.cpus_per_trial, ts.gpus_per_trial)  # a trial's: idle warm actors and groups hold cores
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SNAPSHOT_S)  # read by Tune's controller
     out_dir = Path(artifacts_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

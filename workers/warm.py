@@ -383,6 +383,14 @@ def ask_for_room(cpus: float, gpus: float = 0.0, *, settle_s: float = 0.0) -> bo
     return True
 
 
+def make_room(cpus: float, gpus: float = 0.0) -> bool:
+    """Before a run that needs ``cpus`` cores and ``gpus`` GPUs of Ray's: free this process's idle warm
+    resources (:func:`release_idle`), then, where Ray still has too little free, ask the other job workers
+    (:func:`ask_for_room`, given 2 s for what was freed here to show). Returns whether it asked."""
+    freed = release_idle()
+    return ask_for_room(cpus, gpus, settle_s=2.0 if freed else 0.0)
+
+
 _HOLDERS: list[Callable[[], int]] = []  # how many warm resources this process's other pools hold (groups)
 _watch_lock = threading.Lock()
 _watcher: dict[str, threading.Thread | None] = {"thread": None}
@@ -430,5 +438,5 @@ def _watch() -> None:
             board = None
 
 
-__all__ = ["POOL", "DemandBoard", "WarmPool", "WarmTrainer", "ask_for_room", "demand_board", "newest_state",
-           "register_holder", "release_idle", "warm_enabled", "watch_demand"]
+__all__ = ["POOL", "DemandBoard", "WarmPool", "WarmTrainer", "ask_for_room", "demand_board", "make_room",
+           "newest_state", "register_holder", "release_idle", "warm_enabled", "watch_demand"]

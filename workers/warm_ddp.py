@@ -46,11 +46,10 @@ from workers.warm import (
     _OFF,
     _ON,
     KEEP_STATES,
-    POOL,
     WARM_DIR,
     _write_state,
-    ask_for_room,
     idle_seconds,
+    make_room,
     newest_state,
     register_holder,
     register_idle_release,
@@ -385,10 +384,8 @@ class GroupPool:
                 self._held[id(group)] = self._held.get(id(group), 0) + 1
                 return group, True
             self._groups.pop(shape, None)
-        freed = self.release_idle()
-        freed += POOL.release_idle()  # idle one-worker warm actors hold cores too
-        # other job workers' idle warm actors and groups, where Ray has too little free
-        ask_for_room(spec.workers * cpus, float(spec.workers) if spec.use_gpu else 0.0, settle_s=2.0 if freed else 0.0)
+        # this process's idle groups and one-worker actors, then other job workers' where Ray has too little free
+        make_room(spec.workers * cpus, float(spec.workers) if spec.use_gpu else 0.0)
         group = WarmGroup(spec, cpus, threads, storage_path, max_failures, scaling_config, torch_config)
         with self._lock:
             self._groups[shape] = group
