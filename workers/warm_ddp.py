@@ -232,8 +232,11 @@ def _run_job(job: dict[str, Any], dispatcher: Any, rank: int, world: int, device
 
     source = newest_state(run_dir)
     resume_state = load_checkpoint(source) if source is not None else None
-    log(f"warm group rank 0 of {world} on host {socket.gethostname()}, pid {os.getpid()}: job {job['job_number']} "
-        "of this group" + (f", resuming from {source.parent.name}/{source.name}" if source is not None else ""))
+    # every rank names its host (as the cold path's ranks do): where the ranks ran is what a multi-node check reads
+    dispatcher.push.remote(
+        key, "log", f"warm group rank {rank} of {world} on host {socket.gethostname()}, pid {os.getpid()}: job "
+        f"{job['job_number']} of this group"
+        + (f", resuming from {source.parent.name}/{source.name}" if source is not None and rank == 0 else ""))
     phase = {"setup": True}
 
     def wrap(net: torch.nn.Module, find_unused_parameters: bool) -> torch.nn.Module:

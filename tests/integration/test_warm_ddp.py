@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ SPEC: dict[str, Any] = dict(method="baseline", dataset="mnist", members=2, epoch
                             train_subset=1536, val_size=0, eval_subset=200, workers=2, seed=7,
                             optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9})
 RANK0 = re.compile(r"warm group rank 0 of 2 on host .*, pid (\d+): job (\d+) of this group")
+RANK_HOST = re.compile(r"warm group rank (\d) of 2 on host ([^,]+), pid \d+: job \d+ of this group")
 
 
 class Recorder(WarmRecorder):
@@ -76,6 +78,9 @@ def test_a_warm_group_trains_the_weights_of_ray_trains_ddp_run(work: Path, group
     assert GROUPS.live_count() == 0
     assert [e["epoch"] for e in group_run.epochs] == [e["epoch"] for e in cold.epochs] == [1, 2]
     assert group_run.rank0() and not cold.rank0()
+    # every rank names its host (docker/cluster_test.py reads these lines to check the ranks spread over nodes)
+    hosts = {int(m.group(1)): m.group(2) for line in group_run.logs if (m := RANK_HOST.search(line))}
+    assert hosts == {0: socket.gethostname(), 1: socket.gethostname()}
     assert any("warm DDP group of 2 workers (new," in line for line in group_run.logs)
     _assert_same(_weights(work, "group-a"), _weights(work, "cold-a"))
 
