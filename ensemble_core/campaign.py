@@ -1310,7 +1310,9 @@ def headline(c: Campaign, paths: Paths) -> dict[str, Any]:
     the per-image transfer worst case over the paper group's surrogates (every transfer attack, loss and seed
     at that ε or below), over all images and among clean-correct; the white-box worst case (L∞) where the
     suite ran; and the paper's PGD figure. Each as mean, sd and n over seeds, as fractions (the paper's
-    figures in %). Nothing here is computed beyond those records' figures and their mean and sd."""
+    figures in %). Nothing here is computed beyond those records' figures and their mean and sd.
+    ``stale_evaluations``: the recorded evaluations made with earlier evaluation code (their cells are that
+    code's until the campaign re-runs them), as the campaign's page names them."""
     units = train_units(c)
     evs = eval_units(c)
     evals = {u.id: json.loads(paths.eval_record(u.id).read_text()) for u in evs if paths.eval_record(u.id).exists()}
@@ -1363,7 +1365,8 @@ def headline(c: Campaign, paths: Paths) -> dict[str, Any]:
             "paper_group_surrogates": [d.key for d in c.surrogates if d.group == c.paper_group],
             "paper_denominator": c.paper_denominator, "paper_table": paper.get("table"),
             "train_units": {"recorded": sum(train_done(paths, u) for u in units), "declared": len(units)},
-            "eval_units": {"recorded": len(evals), "declared": len(evs)}, "rows": rows}
+            "eval_units": {"recorded": len(evals), "declared": len(evs)},
+            "stale_evaluations": sorted(stale_evaluations(evals)), "rows": rows}
 
 
 def status_table(c: Campaign, paths: Paths) -> str:

@@ -344,6 +344,11 @@ def render_headline(heads: list[dict[str, Any]]) -> list[str]:
         lines += [f"### `{h['campaign']}`: {h['title']}", "",
                   f"[{h['page']}]({h['page']}); {tu['recorded']} of {tu['declared']} training units and "
                   f"{eu['recorded']} of {eu['declared']} evaluation units recorded. {h['budget']}", ""]
+        stale = h.get("stale_evaluations") or []
+        if stale:
+            lines += [f"**{len(stale)} of the {eu['recorded']} evaluation records were made with earlier evaluation "
+                      f"code** ({', '.join(f'`{u}`' for u in stale)}): the campaign re-runs them, and until then "
+                      "their cells below are that code's (the campaign's page names each code digest).", ""]
         rows = [r for r in h["rows"] if r["seeds_trained"]]
         if not rows:
             lines += ["No training unit recorded yet.", ""]

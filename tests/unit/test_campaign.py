@@ -227,6 +227,14 @@ def test_tiny_campaign_evaluates_and_keys_on_the_evaluation_code(tiny_paths: Pat
     status = {ln.split()[1]: ln for ln in cp.status_table(TINY, tiny_paths).splitlines() if ln.split()[:1] == ["eval"]}
     assert status["gal-s0"].endswith("recorded with earlier evaluation code (re-runs)")
     assert status["baseline-s0"].endswith("recorded")
+    # and on the leaderboard's headline
+    from ensemble_core import leaderboard as lb
+
+    head = cp.headline(TINY, tiny_paths)
+    assert head["stale_evaluations"] == sorted(u.id for u in eval_units(TINY) if u.id != "baseline-s0")
+    assert (f"**3 of the 4 evaluation records were made with earlier evaluation code** "
+            f"({', '.join(f'`{u}`' for u in head['stale_evaluations'])}): the campaign re-runs them"
+            in "\n".join(lb.render_headline([head])))
     assert "| GAL (LSD) | `gal-lsd` | 0, 1 |" in page, page
     assert "| GAL (LSD) | fgsm" in page
     # the same-init group gets its own table, from its own records (not the paper group's)
@@ -255,8 +263,6 @@ def test_tiny_campaign_evaluates_and_keys_on_the_evaluation_code(tiny_paths: Pat
                  and r["attack"].startswith("worst case (Linf"))
     assert f"| GAL (LSD) | 0.1 | {100 * worst['robust_acc']:.1f} (n 1)" in wb and "seed 0;" in wb, wb
     # the leaderboard's headline: the paper group's transfer worst case per seed, mean and sd by hand
-    from ensemble_core import leaderboard as lb
-
     tw = [next(r["robust_acc"] for r in json.loads(tiny_paths.eval_record(f"gal-s{s}").read_text())["records"]
                if r["model"] == "target" and r["threat"] == "transfer" and r.get("surrogate_group") == "baseline"
                and r["attack"] == "worst case (transfer, Linf)" and r["eps"] == 0.1) for s in (0, 1)]
