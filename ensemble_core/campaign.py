@@ -869,10 +869,12 @@ def run_eval_unit(unit: EvalUnit, paths: Paths, *, device: str = "cpu", commit: 
     extra: dict[str, Any] = {}
     if "surrogate_groups" in inspect.signature(run_evaluation).parameters:
         extra["surrogate_groups"] = groups  # per-group worst cases: the paper's (baselines) and ours (all)
+    state_file = out / "eval_state.json"
+    resumed = len(json.loads(state_file.read_text()).get("done", [])) if state_file.exists() else 0
     t0 = time.time()
     result = run_evaluation(spec, ckpt, surrogates=surrogates, out_dir=out, cache_dir=paths.runs / "transfer-cache",
                             device=device, log=lambda m: log(f"    {unit.id}: {m}"), plots=False, **extra)
-    state_file = out / "eval_state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else None
     records = result.get("records", [])
     record = {
         "format": EVAL_FORMAT, "campaign": unit.target.campaign, "unit": unit.id, "fingerprint": fp,
@@ -884,9 +886,12 @@ def run_eval_unit(unit: EvalUnit, paths: Paths, *, device: str = "cpu", commit: 
         "paper_mean": paper_mean(records, unit.paper_group), "paper_group": unit.paper_group,
         "paper_mean_label": "mean over the transfer sets (surrogate x loss) of the accuracy on all images of the "
                             "slice (the paper text's definition, spec cldl correction 2)",
-        "per_example_state_zlib_b64": compress_json(json.loads(state_file.read_text())) if state_file.exists()
-        else None,
-        "wall_time_s": round(time.time() - t0, 1), "machine": _machine(device), "code": _git_head(paths.root),
+        "per_example_state_zlib_b64": compress_json(state) if state is not None else None,
+        # wall_time_s is this process's; an evaluation resumed from runs/ or a parked state also ran before it
+        # (resumed_pieces done then). attack_time_s: the pieces' own seconds, summed over every process.
+        "wall_time_s": round(time.time() - t0, 1), "resumed_pieces": resumed,
+        "attack_time_s": round(sum((state or {}).get("timings", {}).values()), 1),
+        "machine": _machine(device), "code": _git_head(paths.root),
     }
     _atomic_write(rec_path, json.dumps(_round(record), indent=1, sort_keys=True, default=str) + "\n")
     files = [rec_path, *drop_parked(paths, unit.id, ("eval.json",))]

@@ -356,6 +356,10 @@ def test_parked_work_in_progress_resumes_on_a_fresh_clone(tmp_path: Path, monkey
     ta, tb = a.pop("timings"), b.pop("timings")
     assert a == b  # the same per-example outcomes, taken from the parked state, not recomputed:
     assert ta == pytest.approx(tb, rel=1e-3)  # the first run's timings
+    # the record says the evaluation was resumed, and its attack time counts the pieces of the earlier process
+    assert (full_eval["resumed_pieces"], again["resumed_pieces"]) == (0, parked_eval["pieces_done"])
+    assert again["attack_time_s"] == round(sum(ta.values()), 1)
+    assert again["attack_time_s"] == pytest.approx(full_eval["attack_time_s"], abs=0.11)
     assert not paths.parked("baseline-s0", "eval.json").exists()
     assert "D\tdocs/results/tiny/in-progress/baseline-s0.eval.json" in git("show", "--name-status", "--format=",
                                                                            "HEAD")
