@@ -27,7 +27,9 @@ Work in progress lives in ``runs/`` (ignored by git). ``--park`` copies every un
 there when ``runs/`` has nothing, and the unit's own commit removes its parked files. Run it before a working
 session ends, so that the end of a session loses nothing, not even the unit in progress.
 
-Order: seed 0 of every row (and the surrogates) first, cheapest first, then the next seed. One progress
+Order: seed 0 of every row (and the surrogates) first, cheapest first; then the other seeds row by row,
+cheapest row first, so that each row's seeds (and with them its evaluations, which need the next seed as the
+same-method surrogate) complete as early as they can; a unit with work in progress goes first. One progress
 line per unit with an ETA. The same grid runs on a GPU (``--device auto``); the device never enters a
 unit's key. Records hold per-example outcomes compressed (packed bits, base64).
 """
@@ -377,8 +379,9 @@ def git_commit(root: Path, paths: Sequence[Path], message: str, log: Callable[[s
 
 
 def train_units(c: Campaign) -> list[TrainUnit]:
-    """Every training unit of the campaign in run order: per seed (in the declared order) the rows and, with
-    the first seed, the surrogates, cheapest first."""
+    """Every training unit of the campaign in run order: the first declared seed's rows and the surrogates,
+    cheapest first; then every other seed's units, cheapest row first and its seeds in the declared order (a
+    row's seeds, and so its evaluations, complete together; the total is the same as seed by seed)."""
     units_by_seed: dict[int, list[TrainUnit]] = {s: [] for s in c.seeds}
     overrides = {"eval_subset": c.eval_subset, **c.overrides}
     for s in c.seeds:
@@ -394,10 +397,10 @@ def train_units(c: Campaign) -> list[TrainUnit]:
             if d.seed is None and _seed_matched(c, d, s, units_by_seed[s]) is None:
                 units_by_seed[s].append(TrainUnit(f"{d.key}-s{s}", c.name, d.configuration, s, "surrogate", d.key,
                                                   _matched_spec(c, d, s)))
-    ordered: list[TrainUnit] = []
-    for i, s in enumerate(c.seeds):
-        group = units_by_seed[s] + (sur if i == 0 else [])
-        ordered += sorted(group, key=lambda u: (estimate_cost(u.spec), u.id))
+    first, later = c.seeds[0], list(c.seeds[1:])
+    ordered = sorted(units_by_seed[first] + sur, key=lambda u: (estimate_cost(u.spec), u.id))
+    ordered += sorted((u for s in later for u in units_by_seed[s]),
+                      key=lambda u: (estimate_cost(u.spec), u.row, later.index(u.seed)))
     ids = [u.id for u in ordered]
     if len(set(ids)) != len(ids):
         raise ValueError(f"campaign {c.name}: duplicate unit ids")
@@ -971,6 +974,18 @@ def calibrated_clock(paths: Paths, units: Sequence[TrainUnit], device: str = "cp
     return recent if recent.cost else clock
 
 
+def in_progress(paths: Paths, unit: TrainUnit) -> bool:
+    """Whether a training unit not yet recorded has epochs done (in ``runs/`` or parked)."""
+    return not train_done(paths, unit) and ((paths.run_dir(unit.id) / "checkpoint.pt").exists()
+                                            or paths.parked(unit.id, "train.json").exists())
+
+
+def training_queue(paths: Paths, units: list[TrainUnit]) -> list[TrainUnit]:
+    """The units still to train, in ``units``' order except that those with work in progress go first."""
+    todo = [u for u in units if not train_done(paths, u)]
+    return sorted(todo, key=lambda u: not in_progress(paths, u))  # stable: otherwise the run order
+
+
 def run_training(c: Campaign, paths: Paths, *, device: str = "cpu", commit: bool = False,
                  units: list[TrainUnit] | None = None, max_units: int | None = None,
                  log: Callable[[str], None] = print,
@@ -980,7 +995,7 @@ def run_training(c: Campaign, paths: Paths, *, device: str = "cpu", commit: bool
     units = units if units is not None else train_units(c)
     costs = {u.id: estimate_cost(u.spec) for u in units}
     clock = calibrated_clock(paths, units, device)
-    todo = [u for u in units if not train_done(paths, u)]
+    todo = training_queue(paths, units)
     log(f"[campaign {c.name}] {len(units) - len(todo)}/{len(units)} training units recorded, {len(todo)} to train; "
         f"estimated {_fmt_s(sum(costs[u.id] for u in todo) * clock.rate)} at {1000 * clock.rate * 3:.0f} ms per "
         f"3-member LeNet-5 baseline step")

@@ -50,12 +50,16 @@ def test_cldl_table4_order_keys_and_surrogates() -> None:
     c = cp.get_campaign("cldl-table4")
     units = train_units(c)
     assert len(units) == 7 * 3 + 2 + 3  # rows x seeds, PROTOCOL's two surrogates, lsd-b5 per seed
-    seeds = [u.seed for u in units if u.role == "target"]
-    assert seeds == sorted(seeds)  # seed 0 of every row first, then 1, then 2
     first = [u.id for u in units[:10]]
+    assert {u.seed for u in units[:10] if u.role == "target"} == {0}  # seed 0 of every row first
     assert first[-1] == "dverge-s0" and {"surrogate-b3-s100", "surrogate-b5-s101", "lsd-b5-s0"} <= set(first)
     costs = [cp.estimate_cost(u.spec) for u in units[:10]]
     assert costs == sorted(costs)  # cheapest first within a seed
+    # then row by row, cheapest row first, each row's seeds 1 and 2 together
+    rest = [u.id for u in units[10:]]
+    assert rest == ["adp-s1", "adp-s2", "baseline-s1", "baseline-s2", "lsd-b5-s1", "lsd-b5-s2", "cldl-3-2-1-s1",
+                    "cldl-3-2-1-s2", "cldl-3-4-4-s1", "cldl-3-4-4-s2", "gal-s1", "gal-s2", "trs-s1", "trs-s2",
+                    "dverge-s1", "dverge-s2"]
     assert all(u.spec["epochs"] == 20 and u.spec["extra_pass"] and u.spec["eval_subset"] == 9000 for u in units)
     by_id = {u.id: u for u in units}
     assert by_id["trs-s1"].spec["hyperparameters"]["smooth_points"] == "clean"
@@ -87,6 +91,21 @@ def test_cost_estimate_orders_the_methods() -> None:
 @pytest.fixture
 def tiny_paths(tmp_path: Path) -> Paths:
     return Paths.of(TINY, root=tmp_path, results_dir=tmp_path / "docs" / "results", runs_dir=tmp_path / "runs")
+
+
+def test_units_with_work_in_progress_are_trained_first(tiny_paths: Paths) -> None:
+    units = train_units(TINY)
+    assert [u.id for u in cp.training_queue(tiny_paths, units)] == [u.id for u in units]
+    last, third = units[-1], units[2]
+    run = tiny_paths.run_dir(last.id)
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"epochs done")  # cut off mid-unit: resumes from runs/
+    parked = tiny_paths.parked(third.id, "train.json")
+    parked.parent.mkdir(parents=True)
+    parked.write_text("{}")  # parked on another clone: resumes from in-progress/
+    queue = [u.id for u in cp.training_queue(tiny_paths, units)]
+    assert queue == [third.id, last.id] + [u.id for u in units if u.id not in (third.id, last.id)]
+    assert cp.in_progress(tiny_paths, last) and not cp.in_progress(tiny_paths, units[0])
 
 
 @pytest.mark.slow
