@@ -346,9 +346,11 @@ def render_headline(heads: list[dict[str, Any]]) -> list[str]:
                   f"{eu['recorded']} of {eu['declared']} evaluation units recorded. {h['budget']}", ""]
         stale = h.get("stale_evaluations") or []
         if stale:
-            lines += [f"**{len(stale)} of the {eu['recorded']} evaluation records were made with earlier evaluation "
-                      f"code** ({', '.join(f'`{u}`' for u in stale)}): the campaign re-runs them, and until then "
-                      "their cells below are that code's (the campaign's page names each code digest).", ""]
+            one = len(stale) == 1
+            lines += [f"**{len(stale)} of the {eu['recorded']} evaluation records {'was' if one else 'were'} made "
+                      f"with earlier evaluation code** ({', '.join(f'`{u}`' for u in stale)}): the campaign re-runs "
+                      f"{'it' if one else 'them'}, and until then {'its' if one else 'their'} cells below are that "
+                      "code's (the campaign's page names each code digest).", ""]
         rows = [r for r in h["rows"] if r["seeds_trained"]]
         if not rows:
             lines += ["No training unit recorded yet.", ""]
